@@ -1,0 +1,45 @@
+"""`genlab data|train|sample|eval|generate|tokenizer|export|...`: one module per subcommand.
+
+Each module in `genlab.commands` defines `add_arguments(parser)` and `run(args) -> int`.
+User errors (`GenlabError`) are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from genlab.errors import GenlabError
+
+# subcommand -> one-line help; the module is genlab.commands.<name>
+COMMANDS = {
+    "data": "list and look at datasets",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genlab", description="A workbench for generative AI.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_ in COMMANDS.items():
+        module = importlib.import_module(f"genlab.commands.{name.replace('-', '_')}")
+        p = sub.add_parser(name, help=help_, description=help_)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except GenlabError as e:
+        print(f"genlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("genlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

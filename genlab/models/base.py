@@ -1,0 +1,112 @@
+"""GenerativeModel: the contract every family implements, and the shareable model folder."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from genlab.config import from_dict, to_dict
+from genlab.errors import GenlabError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ModelConfig:
+    """Base for family configs; families subclass it with their own fields."""
+
+
+class GenerativeModel(nn.Module):
+    """A generative model family.
+
+    - `training_losses(batch) -> dict` with a scalar "loss" entry;
+    - `sample(n, cond=None, generator=None, **opts) -> Tensor`;
+    - `log_likelihood(x, cond=None)` where the family has one.
+
+    A family whose update rule is not one optimizer on "loss" (GANs) overrides
+    `configure_optimizers` and `train_step`; the trainer never branches on the family.
+    """
+
+    family: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Any = None, generator: torch.Generator | None = None, **opts: Any) -> Tensor:
+        raise NotImplementedError
+
+    def log_likelihood(self, x: Tensor, cond: Any = None) -> Tensor:
+        raise GenlabError(f"the {self.family} family has no log-likelihood")
+
+    # -- the model folder -------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """Write `config.json` + `model.safetensors` (atomically: temp file, then rename)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"family": self.family, "config": to_dict(self.config), "genlab_version": _version()}
+        tmp = d / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        tmp.replace(d / CONFIG_NAME)
+        sd = state_dict if state_dict is not None else self.state_dict()
+        sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        tmpw = d / (WEIGHTS_NAME + ".tmp")
+        save_file(sd, str(tmpw), metadata={"family": self.family})
+        tmpw.replace(d / WEIGHTS_NAME)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:
+        """Load a model folder; when called on the base class the family is read from config.json."""
+        d = Path(directory)
+        cfg_path = d / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise GenlabError(f"{d} is not a model folder: it has no {CONFIG_NAME}")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise GenlabError(f"{cfg_path} is not valid JSON ({e.msg}): re-export the model") from None
+        from genlab.models import get_family
+
+        family_cls = get_family(meta.get("family", ""))
+        if cls is not GenerativeModel and not issubclass(family_cls, cls):
+            raise GenlabError(f"{d} holds a {meta.get('family')} model, not a {cls.family} model")
+        config = from_dict(family_cls.config_class, meta.get("config", {}), prefix="model.")
+        model = family_cls(config)
+        state = load_weights(d / WEIGHTS_NAME, map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise GenlabError(
+                f"{d / WEIGHTS_NAME} does not fit its config: {len(missing)} missing and "
+                f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[0]})"
+            )
+        return model
+
+
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Read a safetensors file, turning a truncated or corrupt file into a one-line error."""
+    if not path.is_file():
+        raise GenlabError(f"missing weights file {path}")
+    try:
+        return load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GenlabError(f"{path} is truncated or corrupt ({e}); restore it or re-export the model") from None
+
+
+def _version() -> str:
+    from genlab import __version__
+
+    return __version__
