@@ -11,7 +11,6 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 
-
 @dataclass
 class DatasetInfo:
     """What `genlab data list` shows, and what a model needs to know about its data."""

@@ -52,6 +52,31 @@ class GenerativeModel(nn.Module):
     def log_likelihood(self, x: Tensor, cond: Any = None) -> Tensor:
         raise GenlabError(f"the {self.family} family has no log-likelihood")
 
+    # -- hooks the trainer calls (defaults suit single-optimizer image families) -------
+    @classmethod
+    def build(cls, config: Any, dataset: Any) -> GenerativeModel:
+        """Make the model for `dataset` (fill sizes the config leaves to the data); default: cls(config)."""
+        return cls(config)
+
+    def prepare_data(self, dataset: Any) -> Any:
+        """What the trainer draws batches from: an object with `__len__` and `get_batch(indices) -> dict`."""
+        return dataset
+
+    def configure_optimizers(self, train_cfg: Any) -> list[torch.optim.Optimizer]:
+        """One AdamW over every trainable parameter (no weight decay on biases and norms)."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [torch.optim.AdamW(groups, lr=train_cfg.lr, betas=tuple(train_cfg.betas))]
+
+    def write_preview(self, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
+        """Write a preview of samples (an image grid, a text file) next to `stem`; default: nothing."""
+        return []
+
+    def validation_metrics(self, val_data: Any) -> dict[str, float]:
+        """Metrics on held-out data (e.g. validation loss, perplexity); default: none."""
+        return {}
+
     # -- the model folder -------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write `config.json` + `model.safetensors` (atomically: temp file, then rename)."""
