@@ -1,0 +1,302 @@
+"""GPT: a decoder-only transformer language model (Radford et al. 2018) in the Llama layout (Touvron et al. 2023).
+
+RoPE, RMSNorm, SwiGLU, causal scaled-dot-product attention, optional tied embeddings; the tokenizer is trained
+by `build` (or read from `tokenizer_file` / `init_from`) and travels with the model as `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genlab.config import from_dict
+from genlab.data.tokenizer import TOKENIZER_NAME, Tokenizer, train_tokenizer
+from genlab.errors import GenlabError
+from genlab.models.base import CONFIG_NAME, WEIGHTS_NAME, GenerativeModel, ModelConfig, load_weights
+from genlab.nn.transformer import Block, KVCache, RMSNorm, attention_mask, rope_tables
+from genlab.registry import MODELS
+
+
+@dataclass
+class GPTConfig(ModelConfig):
+    """Sizes of the network and where its tokenizer comes from."""
+
+    tokenizer: str = "bpe"  # bpe | char: the kind trained by `build` on the training text
+    vocab: int = 4096  # BPE vocabulary size to train
+    tokenizer_file: str | None = None  # use this tokenizer.json instead of training one
+    vocab_size: int = 0  # filled from the tokenizer by `build`
+    block_size: int = 256  # context length used in training
+    n_layer: int = 6
+    n_head: int = 6
+    n_kv_head: int = 0  # 0: same as n_head (no grouped-query attention)
+    n_embd: int = 384
+    ffn_hidden: int = 0  # 0: 8/3 * n_embd rounded up to a multiple of 64 (Llama)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    init_from: str | None = None  # start from this model folder (fine-tuning)
+    sft: bool = False  # data is JSONL chat; the loss covers assistant tokens only
+    preview_tokens: int = 256  # length of the text samples written during training
+
+
+def _ffn_hidden(cfg: GPTConfig) -> int:
+    return cfg.ffn_hidden or 64 * math.ceil(8 * cfg.n_embd / 3 / 64)
+
+
+@MODELS.register("gpt")
+class GPT(GenerativeModel):
+    """Decoder-only transformer LM: p(x) = prod_t p(x_t | x_<t) (Radford et al. 2018, eq. 1)."""
+
+    family = "gpt"
+    config_class = GPTConfig
+
+    def __init__(self, config: GPTConfig, tokenizer: Tokenizer | None = None) -> None:
+        super().__init__(config)
+        c = config
+        if c.vocab_size <= 0:
+            raise GenlabError("model.vocab_size is unset: build the model from data or give a tokenizer_file")
+        if c.n_embd % c.n_head:
+            raise GenlabError(f"model.n_embd={c.n_embd} must be divisible by model.n_head={c.n_head}")
+        self.n_kv_head = c.n_kv_head or c.n_head
+        if c.n_head % self.n_kv_head:
+            raise GenlabError(f"model.n_head={c.n_head} must be a multiple of model.n_kv_head={self.n_kv_head}")
+        self.head_dim = c.n_embd // c.n_head
+        if self.head_dim % 2:
+            raise GenlabError(f"head size n_embd/n_head={self.head_dim} must be even for RoPE")
+        self.tokenizer = tokenizer
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.n_embd, c.n_head, self.n_kv_head, _ffn_hidden(c), c.norm_eps, c.dropout) for _ in range(c.n_layer)
+        )
+        self.norm = RMSNorm(c.n_embd, c.norm_eps)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(self.head_dim, c.block_size, c.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's 1/sqrt(2 L) scaling of residual projections
+            if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear | nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    # -- the network ------------------------------------------------------------------
+    def _rope(self, end: int) -> tuple[Tensor, Tensor]:
+        if end > self.rope_cos.shape[0]:  # beyond the training context: extend the tables
+            cos, sin = rope_tables(self.head_dim, max(end, 2 * self.rope_cos.shape[0]), self.config.rope_theta)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        return self.rope_cos, self.rope_sin
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty preallocated KV cache for `batch` rows of up to `max_len` tokens."""
+        p = self.tok_emb.weight
+        return KVCache(self.config.n_layer, batch, self.n_kv_head, max_len, self.head_dim, p.dtype, p.device)
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None, key_mask: Tensor | None = None,
+                positions: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Logits (B, T, V) for tokens `idx` (B, T) following the `cache.length` cached ones.
+
+        `key_mask` (B, past + T) marks real tokens (False: left padding); `positions` (B, T) are the RoPE
+        positions (default past .. past + T - 1); `last_only` computes logits of the last position only.
+        """
+        B, T = idx.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None and past + T > cache.max_len:
+            raise GenlabError(f"the KV cache holds {cache.max_len} tokens; {past + T} were asked for")
+        if positions is None:
+            cos_t, sin_t = self._rope(past + T)
+            cos, sin = cos_t[past: past + T, None, :], sin_t[past: past + T, None, :]
+        else:
+            cos_t, sin_t = self._rope(int(positions.max()) + 1)
+            cos, sin = cos_t[positions][:, :, None, :], sin_t[positions][:, :, None, :]
+        mask = attention_mask(key_mask, T, past, idx.device)
+        x = self.drop(self.tok_emb(idx))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length = past + T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    # -- losses and likelihood ----------------------------------------------------------
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Next-token cross-entropy; where `labels` are given, positions labelled -100 do not count."""
+        ids = batch["input_ids"].to(self.tok_emb.weight.device)
+        targets = batch.get("labels", ids)[:, 1:].to(ids.device)
+        logits = self(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return {"loss": loss}
+
+    def log_likelihood(self, x: Tensor, cond: Any = None) -> Tensor:
+        """log p(x_1..x_T | x_0) in nats per sequence, exact by the chain rule."""
+        logits = self(x[:, :-1]).float()
+        logp = logits.log_softmax(-1).gather(-1, x[:, 1:, None])[..., 0]
+        return logp.sum(-1)
+
+    @torch.no_grad()
+    def validation_metrics(self, val_data: Any) -> dict[str, float]:
+        """Mean next-token loss over non-overlapping blocks of the held-out data, and perplexity exp(loss)."""
+        was_training = self.training
+        self.eval()
+        total, count = 0.0, 0
+        for batch in val_data.iter_eval_batches(16):
+            ids = batch["input_ids"].to(self.tok_emb.weight.device)
+            targets = batch.get("labels", ids)[:, 1:].to(ids.device)
+            logits = self(ids[:, :-1]).float()
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            total += float(loss)
+            count += int((targets != -100).sum())
+        self.train(was_training)
+        if count == 0:
+            raise GenlabError("the validation data is shorter than one block; lower model.block_size")
+        val_loss = total / count
+        return {"val_loss": val_loss, "ppl": math.exp(min(val_loss, 50.0))}
+
+    # -- trainer hooks --------------------------------------------------------------------
+    @classmethod
+    def build(cls, config: GPTConfig, dataset: Any) -> GPT:
+        """Load `init_from`, or train (or read) the tokenizer on the training text and size the vocabulary."""
+        if config.init_from:
+            model = cls.from_pretrained(config.init_from)
+            model.config = replace(model.config, sft=config.sft, dropout=config.dropout, init_from=config.init_from)
+            return model
+        if config.tokenizer_file:
+            tok = Tokenizer.from_file(config.tokenizer_file)
+        else:
+            text = dataset.text
+            if config.sft:
+                from genlab.adapt.sft import conversation_text
+
+                text = conversation_text(text)
+            tok = train_tokenizer(text, config.tokenizer, config.vocab)
+        return cls(replace(config, vocab_size=tok.vocab_size), tokenizer=tok)
+
+    def prepare_data(self, dataset: Any) -> Any:
+        """Token windows of block_size + 1 (every offset is one item), or masked chat examples when `sft`."""
+        tok = self._require_tokenizer()
+        if self.config.sft:
+            from genlab.adapt.sft import ChatData
+
+            return ChatData.from_jsonl(dataset.text, tok, self.config.block_size)
+        return TokenBlocks(encode_text(tok, dataset.text), self.config.block_size)
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Any = None, generator: torch.Generator | None = None, **opts: Any) -> Tensor:
+        """`n` continuations of the prompt `cond` (text; default: from BOS), as token ids (n, T) after the prompt."""
+        from genlab.sampling.text import GenerationConfig, generate
+
+        tok = self._require_tokenizer()
+        prompt = tok.encode(cond or "", bos=True)
+        out = generate(self, [prompt] * n, GenerationConfig(**opts), generator=generator)
+        width = max(len(s) for s in out.tokens)
+        ids = torch.full((n, width), tok.pad_id, dtype=torch.long)
+        for i, s in enumerate(out.tokens):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return ids
+
+    def write_preview(self, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
+        """A text file of 4 samples from BOS (temperature 0.8, top-p 0.95)."""
+        from genlab.sampling.text import GenerationConfig, generate
+
+        tok = self._require_tokenizer()
+        was_training = self.training
+        self.eval()
+        gen = GenerationConfig(max_new_tokens=self.config.preview_tokens, temperature=0.8, top_p=0.95)
+        out = generate(self, [[tok.bos_id]] * 4, gen, generator=generator)
+        self.train(was_training)
+        path = Path(stem).with_suffix(".txt")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sep = "\n" + "-" * 40 + "\n"
+        path.write_text(sep.join(tok.decode(s) for s in out.tokens) + "\n", encoding="utf-8")
+        return [path]
+
+    # -- the model folder -------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """config.json + model.safetensors (a tied lm_head is stored once) + tokenizer.json."""
+        sd = dict(state_dict if state_dict is not None else self.state_dict())
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        d = super().save_pretrained(directory, sd)
+        self._require_tokenizer().save(d / TOKENIZER_NAME)
+        return d
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GPT:
+        """A genlab GPT folder, or a Hugging Face Llama folder (as written by `genlab export --to hf`)."""
+        d = Path(directory)
+        cfg_path = d / CONFIG_NAME
+        if not cfg_path.is_file():
+            raise GenlabError(f"{d} is not a model folder: it has no {CONFIG_NAME}")
+        try:
+            meta = json.loads(cfg_path.read_text())
+        except json.JSONDecodeError as e:
+            raise GenlabError(f"{cfg_path} is not valid JSON ({e.msg})") from None
+        if meta.get("model_type") == "llama":
+            from genlab.models.hf_export import load_hf
+
+            return load_hf(d, map_location)
+        if meta.get("family") != cls.family:
+            raise GenlabError(f"{d} holds a {meta.get('family')!r} model, not a gpt language model")
+        config = from_dict(GPTConfig, meta.get("config", {}), prefix="model.")
+        model = cls(config, tokenizer=Tokenizer.from_file(d / TOKENIZER_NAME))
+        state = load_weights(d / WEIGHTS_NAME, map_location)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
+        if missing or unexpected:
+            raise GenlabError(f"{d / WEIGHTS_NAME} does not fit its config: {len(missing)} missing and "
+                              f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[0]})")
+        return model.to(map_location)
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise GenlabError("this model has no tokenizer: build it from data or load it from a model folder")
+        return self.tokenizer
+
+
+def encode_text(tok: Tokenizer, text: str) -> Tensor:
+    """BOS followed by the tokens of `text` (encoded in parallel, in pieces split at line ends)."""
+    from genlab.data.tokenizer import _chunks
+
+    ids = [tok.bos_id]
+    for piece in tok.encode_batch(_chunks(text)):
+        ids.extend(piece)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+class TokenBlocks:
+    """Windows of `block_size + 1` tokens of one long token stream; item i starts at token i."""
+
+    def __init__(self, ids: Tensor, block_size: int) -> None:
+        if len(ids) <= block_size:
+            raise GenlabError(f"the text has {len(ids)} tokens, fewer than model.block_size={block_size} + 1; "
+                              "lower block_size or use more text")
+        self.ids = ids
+        self.block_size = block_size
+
+    def __len__(self) -> int:
+        return len(self.ids) - self.block_size
+
+    def get_batch(self, indices: Tensor | list[int]) -> dict[str, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return {"input_ids": self.ids[idx[:, None] + torch.arange(self.block_size + 1)]}
+
+    def iter_eval_batches(self, batch_size: int):
+        """Non-overlapping windows covering the stream once (for validation loss)."""
+        starts = torch.arange(0, len(self.ids) - self.block_size, self.block_size)
+        for i in range(0, len(starts), batch_size):
+            yield self.get_batch(starts[i: i + batch_size])
