@@ -15,6 +15,7 @@ from genlab.errors import GenlabError
 # subcommand -> one-line help; the module is genlab.commands.<name>
 COMMANDS = {
     "data": "list and look at datasets",
+    "train": "train a model from a recipe (resumes from the run folder's checkpoints)",
 }
 
 

@@ -38,7 +38,7 @@ class TrainConfig:
     """The family-agnostic trainer's settings (optimizer, schedule, logging, checkpoints)."""
 
     steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 64  # global batch of one optimizer step (split over processes and grad_accum)
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -57,7 +57,6 @@ class TrainConfig:
     keep_last: int = 2
     eval_every: int = 0
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall-clock time
-    num_workers: int = 0
     compile: bool = False
     channels_last: bool = False
 

@@ -1,0 +1,552 @@
+"""The family-agnostic trainer: any GenerativeModel, one recipe, one process or many (accelerate).
+
+The trainer only speaks the GenerativeModel hooks (`build`, `prepare_data`, `configure_optimizers`,
+`training_losses`, `validation_metrics`, `write_preview`, `save_pretrained`); it never looks at the family.
+A family whose update is not "one optimizer on `loss`" (a GAN) defines
+
+    train_step(batch, optimizers, accelerator, objective) -> dict[str, Tensor]
+
+where `objective(batch, **kw)` runs `training_losses(batch, **kw)` under autocast and, with several
+processes, through DistributedDataParallel (so gradients are averaged across processes); the step does
+its own backward passes and optimizer steps and returns scalars to log (with a "loss" entry).
+
+`train.batch_size` is the global batch of one optimizer step: it is split over the processes and then
+into `grad_accum` micro-batches, so a recipe means the same optimization on any number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from genlab.config import RunConfig, from_dict, to_dict
+from genlab.data import load_dataset
+from genlab.errors import GenlabError
+from genlab.models import get_family
+from genlab.train.checkpoint import (
+    list_checkpoints,
+    load_latest,
+    prune,
+    quarantine,
+    remove_leftovers,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from genlab.train.ema import EMA
+from genlab.train.schedule import make_schedulers
+
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+# config keys that may change when a run is resumed: they steer bookkeeping, not the optimization
+RESUME_MAY_CHANGE = ("name", "out_dir", "train.max_minutes", "train.log_every", "train.sample_every",
+                     "train.eval_every", "train.ckpt_every", "train.keep_last", "sample.")
+RUN_OUTPUTS = ("checkpoints", "samples", "model", "metrics.jsonl", "config.yaml")
+
+
+class DataOrder:
+    """The order items are drawn in: epoch `e` is the permutation drawn from seed (seed, e) alone.
+
+    The position is (epoch, index into that epoch's permutation), so a run resumes mid-epoch exactly.
+    A step that runs past the end of an epoch continues into the next one.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int = 0, index: int = 0) -> None:
+        self.n, self.seed, self.epoch, self.index = n, seed, epoch, index
+        self._perm: np.ndarray | None = None
+        self._perm_epoch = -1
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def take(self, k: int) -> np.ndarray:
+        """The next `k` item indices (the same on every process)."""
+        out = []
+        while k > 0:
+            if self._perm_epoch != self.epoch:
+                self._perm, self._perm_epoch = self.permutation(self.epoch), self.epoch
+            chunk = self._perm[self.index : self.index + k]
+            out.append(chunk)
+            self.index += len(chunk)
+            k -= len(chunk)
+            if self.index == self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+        return np.concatenate(out)
+
+
+class _Objective(nn.Module):
+    """`forward(batch, **kw) = model.training_losses(batch, **kw)`: the module accelerate wraps for DDP and autocast."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, Any], **kw: Any) -> dict[str, Tensor]:
+        return self.model.training_losses(batch, **kw)
+
+
+@contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Run a block (validation, previews) without disturbing the training random streams."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_difference(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old, new) for every resolved-config key that differs and may not change on resume."""
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUME_MAY_CHANGE) or a.get(key) == b.get(key):
+            continue
+        diffs.append((key, a.get(key, "<unset>"), b.get(key, "<unset>")))
+    return diffs
+
+
+def _check_train_config(t: Any) -> None:
+    """Value checks the dataclass types cannot express; each error names the key."""
+    positive = {"steps": t.steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum, "keep_last": t.keep_last,
+                "log_every": t.log_every}
+    for key, v in positive.items():
+        if v < 1:
+            raise GenlabError(f"train.{key} must be at least 1, got {v}")
+    for key in ("warmup_steps", "sample_every", "ckpt_every", "eval_every", "seed"):
+        if getattr(t, key) < 0:
+            raise GenlabError(f"train.{key} must be 0 or more, got {getattr(t, key)}")
+    if not 0.0 <= t.ema_decay < 1.0:
+        raise GenlabError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise GenlabError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.mixed_precision not in PRECISIONS:
+        raise GenlabError(f"train.mixed_precision {t.mixed_precision!r} is unknown; choose one of: "
+                          f"{', '.join(PRECISIONS)}")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        raise GenlabError(f"train.max_minutes must be positive, got {t.max_minutes}")
+
+
+class Trainer:
+    """Train `cfg.family` on `cfg.data` with AdamW, warmup + cosine LR, clipping, accumulation and EMA.
+
+    Writes the run folder: config.yaml, metrics.jsonl, samples/, checkpoints/step_XXXXXXX/, and at the end
+    the EMA weights as a model folder in model/. Resumes from the newest good checkpoint by default.
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = True) -> None:
+        t = cfg.train
+        _check_train_config(t)
+        family = get_family(cfg.family)
+        model_cfg = from_dict(family.config_class, cfg.model, prefix="model.")
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self.samples_dir = self.run_dir / "samples"
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.t_start = time.monotonic()
+
+        cuda = torch.cuda.is_available()
+        precision = ("bf16" if cuda else "no") if t.mixed_precision == "auto" else t.mixed_precision
+        if precision == "fp16" and not cuda:
+            raise GenlabError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        # accelerate forms a (gloo) process group on CPU only when told cpu=True
+        multi_cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        self.accelerator = acc = Accelerator(
+            mixed_precision=precision, cpu=multi_cpu,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self.world, self.rank = acc.num_processes, acc.process_index
+        if t.batch_size % (self.world * t.grad_accum):
+            raise GenlabError(f"train.batch_size={t.batch_size} must be divisible by grad_accum x processes "
+                              f"= {t.grad_accum} x {self.world}")
+
+        set_seed(t.seed)  # the same initial weights on every process
+        dataset = load_dataset(cfg.data)
+        self.model = family.build(model_cfg, dataset)
+        self.data = self.model.prepare_data(dataset)
+        if len(self.data) == 0:
+            raise GenlabError(f"dataset {cfg.data.name!r} has no training items")
+        self.val_data = self._validation_data()
+        self.resolved = to_dict(cfg)
+        self.resolved["model"] = to_dict(self.model.config)
+
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        optimizers = self.model.configure_optimizers(t)
+        step_fn = getattr(self.model, "train_step", None)
+        if step_fn is None and len(optimizers) != 1:
+            raise GenlabError(f"the {cfg.family} family has {len(optimizers)} optimizers but no train_step")
+        self.step_fn: Callable[..., dict[str, Tensor]] = step_fn or self._train_step
+        objective, *self.optimizers = acc.prepare(_Objective(self.model), *optimizers)
+        self.objective = torch.compile(objective) if t.compile else objective
+        self.schedulers = make_schedulers([o.optimizer for o in self.optimizers], t)
+        self.ema = EMA(self.model, t.ema_decay, t.ema_warmup)
+        self.step = 0
+        self.elapsed_before = 0.0
+        self.order = DataOrder(len(self.data), t.seed)
+        self.interrupted = False
+        self._stop_requested = False
+
+        if not self._start(resume):
+            set_seed(t.seed + 1_000_003 * self.rank)  # distinct noise on each process from here on
+
+    # -- setup --------------------------------------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(msg)
+
+    def _validation_data(self) -> Any:
+        """The dataset's test split prepared like the training data, or None where there is none."""
+        if self.cfg.data.split == "test" or Path(self.cfg.data.name).expanduser().is_dir():
+            return None
+        try:
+            return self.model.prepare_data(load_dataset(self.cfg.data, split="test"))
+        except GenlabError:
+            return None
+
+    def _start(self, resume: bool) -> bool:
+        """Resume from the newest good checkpoint (True), or start the run folder afresh (False)."""
+        found = resume and bool(list_checkpoints(self.ckpt_root))
+        if found:
+            path, weights, state, broken = load_latest(self.ckpt_root, log=self.log)
+            old = json.loads(state["config"])
+            diffs = config_difference(old, self.resolved)
+            if diffs:
+                key, a, b = diffs[0]
+                raise GenlabError(f"the config differs from the run in {self.run_dir} at {key} ({a!r} -> {b!r}): "
+                                  "use a new run name (--set name=...) or --no-resume")
+            self._load_state(weights, state)
+            self.accelerator.wait_for_everyone()
+            if self.is_main:
+                for p in broken:
+                    self.log(f"moved damaged checkpoint aside: {quarantine(p).name}")
+                remove_leftovers(self.ckpt_root)
+                self._truncate_metrics(self.step)
+            self.log(f"resuming {self.run_dir} from {path.name} (step {self.step}/{self.cfg.train.steps})")
+        elif self.is_main:
+            for name in RUN_OUTPUTS if not resume else ("checkpoints", "metrics.jsonl"):
+                p = self.run_dir / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+        self.accelerator.wait_for_everyone()
+        return found
+
+    def _load_state(self, weights: dict[str, dict[str, Tensor]], state: dict[str, Any]) -> None:
+        self.model.load_state_dict(weights["model"])
+        self.ema.load_state_dict(weights["ema"])
+        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(s)
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            sched.load_state_dict(s)
+        if self.accelerator.scaler is not None and "scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.elapsed_before = float(state["elapsed"])
+        self.order = DataOrder(len(self.data), self.cfg.train.seed, int(state["epoch"]), int(state["index"]))
+        rngs = state["rng"]
+        if self.rank < len(rngs):
+            set_rng_state(rngs[self.rank])
+        else:  # more processes than when saved: new ranks get fresh streams
+            set_seed(self.cfg.train.seed + 1_000_003 * self.rank + self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines past `step` (written by a run killed after its last checkpoint), and any torn line."""
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("step", 0) <= step:
+                keep.append(line)
+        _write_atomic(self.metrics_path, "".join(f"{line}\n" for line in keep))
+
+    # -- one step -----------------------------------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, Any]:
+        """This process's share of the next global batch: rows (micro-step, process) of the drawn indices."""
+        t = self.cfg.train
+        idx = self.order.take(t.batch_size).reshape(t.grad_accum, self.world, -1)[:, self.rank].reshape(-1)
+        batch = self.data.get_batch(torch.from_numpy(idx))
+        device = self.accelerator.device
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, Tensor):
+                v = v.to(device, non_blocking=True)
+                if self.cfg.train.channels_last and v.ndim == 4 and v.is_floating_point():
+                    v = v.contiguous(memory_format=torch.channels_last)
+            out[k] = v
+        return out
+
+    def _train_step(self, batch: dict[str, Any], optimizers: list[Any], accelerator: Accelerator,
+                    objective: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
+        """One AdamW step on `batch` in `grad_accum` micro-batches; gradients are clipped by global norm."""
+        t = self.cfg.train
+        (opt,) = optimizers
+        n = len(next(v for v in batch.values() if isinstance(v, Tensor | list)))
+        micro = n // t.grad_accum
+        totals: dict[str, Tensor] = {}
+        for k in range(t.grad_accum):
+            mb = {key: v[k * micro : (k + 1) * micro] if isinstance(v, Tensor | list) else v
+                  for key, v in batch.items()}
+            last = k == t.grad_accum - 1
+            with nullcontext() if last else accelerator.no_sync(objective):
+                losses = objective(mb)
+                accelerator.backward(losses["loss"] / t.grad_accum)
+            for key, v in losses.items():
+                if isinstance(v, Tensor) and v.numel() == 1:
+                    totals[key] = totals.get(key, 0.0) + v.detach().float() / t.grad_accum
+        max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
+        grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if grad_norm is not None:
+            totals["grad_norm"] = grad_norm.detach().float()
+        return totals
+
+    def _reduce(self, out: dict[str, Tensor], flags: list[float]) -> tuple[dict[str, float], bool]:
+        """Average the step's scalars over processes (one all-reduce); True if any process asks to stop."""
+        keys = sorted(k for k, v in out.items() if isinstance(v, Tensor | float) and torch.as_tensor(v).numel() == 1)
+        device = self.accelerator.device
+        vals = torch.stack([torch.as_tensor(out[k], dtype=torch.float32, device=device).reshape(()) for k in keys]
+                           + [torch.tensor(f, dtype=torch.float32, device=device) for f in flags])
+        if self.world > 1:
+            vals = self.accelerator.reduce(vals, reduction="sum")
+        v = vals.tolist()
+        stats = {k: x / self.world for k, x in zip(keys, v[: len(keys)])}
+        return stats, any(x > 0 for x in v[len(keys) :])
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def fit(self) -> Path:
+        """Train to `train.steps` (or until Ctrl-C / `max_minutes`), checkpoint, and export the EMA model."""
+        t = self.cfg.train
+        pbar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not self.is_main,
+                    desc=self.cfg.name)
+        window: dict[str, float] = {}
+        window_n, window_t = 0, time.monotonic()
+        old_handler = self._install_sigint()
+        stop = False
+        try:
+            while self.step < t.steps and not stop:
+                lr = self.schedulers[0].get_last_lr()[0]
+                out = self.step_fn(self._next_batch(), self.optimizers, self.accelerator, self.objective)
+                if "loss" not in out:
+                    raise GenlabError(f"the {self.cfg.family} train step returned no 'loss'")
+                time_up = t.max_minutes is not None and time.monotonic() - self.t_start > 60 * t.max_minutes
+                stats, stop = self._reduce(out, [float(self._stop_requested), float(time_up)])
+                bad = [k for k in ("loss", "grad_norm") if k in stats and not math.isfinite(stats[k])]
+                if bad and self.accelerator.scaler is None:
+                    raise GenlabError(self._nonfinite_message(bad[0], stats[bad[0]]))
+                for sched in self.schedulers:
+                    sched.step()
+                self.ema.update(self.step)
+                self.step += 1
+                for k, v in stats.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                pbar.update(1)
+                pbar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
+                if self.step % t.log_every == 0 or self.step == t.steps or stop:
+                    now = time.monotonic()
+                    rec = {k: v / window_n for k, v in window.items()}
+                    self._write_metrics({"split": "train", **rec, "lr": lr, "steps_per_s": window_n / (now - window_t),
+                                         "epoch": self.order.epoch + self.order.index / self.order.n})
+                    window, window_n, window_t = {}, 0, now
+                if t.eval_every and self.step % t.eval_every == 0:
+                    self._validate()
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self._preview()
+                if t.ckpt_every and self.step % t.ckpt_every == 0:
+                    self.save()
+        finally:
+            pbar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        self.interrupted = self.step < t.steps and self._stop_requested
+        if self.step < t.steps:
+            reason = "interrupted" if self.interrupted else f"time limit of {t.max_minutes} minutes reached"
+            self.log(f"{reason} at step {self.step}/{t.steps}: saving a checkpoint; run the same command to resume")
+        last = list_checkpoints(self.ckpt_root)
+        if not last or last[-1][0] != self.step:
+            self.save()
+        if not (t.sample_every and self.step % t.sample_every == 0):
+            self._preview()
+        if not (t.eval_every and self.step % t.eval_every == 0):
+            self._validate()
+        self.export()
+        return self.run_dir / "model"
+
+    def _install_sigint(self) -> Any:
+        """First Ctrl-C: finish the step, save and stop; a second one aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.log("Ctrl-C: stopping after this step (press again to abort without saving)")
+
+        return signal.signal(signal.SIGINT, handler)
+
+    def _nonfinite_message(self, key: str, value: float) -> str:
+        good = list_checkpoints(self.ckpt_root)
+        where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was saved yet"
+        return (f"{key} became {value} at step {self.step + 1}; stopped without saving ({where}); "
+                f"lower train.lr (now {self.cfg.train.lr}) or train.grad_clip and start a new run")
+
+    # -- outputs ------------------------------------------------------------------------------------------------
+    def _write_metrics(self, rec: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        rec = {"step": self.step, "time": round(self.elapsed_before + time.monotonic() - self.t_start, 3), **rec}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    @contextmanager
+    def _ema_eval(self) -> Iterator[None]:
+        """EMA weights, eval mode, no grad, and untouched training RNG streams."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with isolated_rng(), torch.no_grad(), self.ema.average_parameters(), self.accelerator.autocast():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _validate(self) -> None:
+        if self.val_data is None or not self.is_main:
+            return
+        with self._ema_eval():
+            metrics = self.model.validation_metrics(self.val_data)
+        if metrics:
+            self._write_metrics({"split": "val", **{k: float(v) for k, v in metrics.items()}})
+            self.log(f"step {self.step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
+
+    def _preview(self) -> None:
+        if not self.is_main:
+            return
+        generator = torch.Generator(self.accelerator.device).manual_seed(self.cfg.sample.seed)
+        with self._ema_eval():
+            self.model.write_preview(self.samples_dir / f"step_{self.step:07d}", self.cfg.sample, generator)
+
+    def save(self) -> Path | None:
+        """Checkpoint everything needed to continue bit-for-bit (collective: every process calls it)."""
+        rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        path = None
+        if self.is_main:
+            state: dict[str, Any] = {
+                "step": self.step, "epoch": self.order.epoch, "index": self.order.index,
+                "elapsed": self.elapsed_before + time.monotonic() - self.t_start,
+                "optimizers": [o.state_dict() for o in self.optimizers],
+                "schedulers": [s.state_dict() for s in self.schedulers],
+                "rng": rngs, "world_size": self.world, "config": json.dumps(self.resolved),
+            }
+            if self.accelerator.scaler is not None:
+                state["scaler"] = self.accelerator.scaler.state_dict()
+            weights = {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
+            path = save_checkpoint(self.ckpt_root, self.step, weights, state)
+            prune(self.ckpt_root, self.cfg.train.keep_last)
+            plot_losses(self.metrics_path, self.samples_dir / "loss.png")
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def export(self) -> Path:
+        """The EMA weights as a model folder `run_dir/model/`, and the loss plot."""
+        out = self.run_dir / "model"
+        if self.is_main:
+            self.model.save_pretrained(out, state_dict=self.ema.model_state_dict(self.model))
+            plot_losses(self.metrics_path, self.samples_dir / "loss.png")
+        self.accelerator.wait_for_everyone()
+        return out
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    """Training loss (and validation metrics whose name contains "loss") against step, as a PNG."""
+    if not metrics_path.exists():
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for line in metrics_path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        for k, v in rec.items():
+            if "loss" in k and isinstance(v, int | float):
+                name = f"{rec.get('split', 'train')} {k}"
+                xs, ys = series.setdefault(name, ([], []))
+                xs.append(rec["step"])
+                ys.append(v)
+    if not series:
+        return None
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name, linestyle="-" if name.startswith("train") else "--", marker=None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if all(y > 0 for _, ys in series.values() for y in ys):
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp)
+    tmp.replace(out)
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def train(cfg: RunConfig, run_dir: Path | None = None, resume: bool = True) -> Path:
+    """Train `cfg` into its run folder and return the folder; Ctrl-C saves a checkpoint, then re-raises."""
+    trainer = Trainer(cfg, run_dir, resume)
+    trainer.fit()
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    return trainer.run_dir
