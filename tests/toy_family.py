@@ -86,3 +86,30 @@ class Toy(GenerativeModel):
 
     def write_preview(self, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
         return [save_grid(self.sample(sample_cfg.n, generator=generator), Path(stem).with_suffix(".png"))]
+
+
+RECIPE = {
+    "name": "toy",
+    "family": "toy",
+    "data": {"name": "mnist", "max_items": 64},
+    "model": {"hidden": 16},
+    "train": {"steps": 12, "batch_size": 8, "lr": 1e-2, "warmup_steps": 3, "ckpt_every": 3, "log_every": 2,
+              "ema_decay": 0.9, "keep_last": 5},
+    "sample": {"n": 4},
+}
+
+
+def write_recipe(folder: Path) -> Path:
+    """The toy recipe as a YAML file in `folder` (runs go to `folder/runs`)."""
+    import yaml
+
+    path = Path(folder) / "toy.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "out_dir": str(Path(folder) / "runs")}))
+    return path
+
+
+def toy_config(folder: Path, *overrides: str) -> Any:
+    """The toy recipe with `--set`-style overrides, validated like the CLI does."""
+    from genlab.config import load_run_config
+
+    return load_run_config(str(write_recipe(folder)), list(overrides))

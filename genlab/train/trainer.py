@@ -213,6 +213,7 @@ class Trainer:
         self.order = DataOrder(len(self.data), t.seed)
         self.interrupted = False
         self._stop_requested = False
+        self._last_plot = time.monotonic()
 
         if not self._start(resume):
             set_seed(t.seed + 1_000_003 * self.rank)  # distinct noise on each process from here on
@@ -483,7 +484,9 @@ class Trainer:
             weights = {"model": self.model.state_dict(), "ema": self.ema.state_dict()}
             path = save_checkpoint(self.ckpt_root, self.step, weights, state)
             prune(self.ckpt_root, self.cfg.train.keep_last)
-            plot_losses(self.metrics_path, self.samples_dir / "loss.png")
+            if time.monotonic() - self._last_plot > 60:  # refresh the loss plot at most once a minute
+                plot_losses(self.metrics_path, self.samples_dir / "loss.png")
+                self._last_plot = time.monotonic()
         self.accelerator.wait_for_everyone()
         return path
 
@@ -529,7 +532,7 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.96)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp)

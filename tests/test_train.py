@@ -1,0 +1,226 @@
+"""The trainer in-process: LR schedule, EMA, data order, outputs, checkpoints, resume, failures, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import toy_family
+from safetensors.torch import load_file
+
+from genlab.cli import main
+from genlab.errors import GenlabError
+from genlab.models.base import GenerativeModel
+from genlab.train import Trainer, resolve_model_dir, train
+from genlab.train import checkpoint as ckpt
+from genlab.train.ema import EMA
+from genlab.train.schedule import lr_factor
+from genlab.train.trainer import DataOrder
+
+
+def steps_of(run_dir):
+    return [s for s, _ in ckpt.list_checkpoints(run_dir / "checkpoints")]
+
+
+def final_weights(run_dir, step):
+    d = run_dir / "checkpoints" / f"step_{step:07d}"
+    ema = {f"ema.{k}": v for k, v in load_file(d / "ema.safetensors").items()}
+    return {**load_file(d / "model.safetensors"), **ema}
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# -- pieces ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_factor_matches_torch_schedulers(schedule):
+    """Warmup + cosine equals torch's LinearLR followed by CosineAnnealingLR (or a constant LR)."""
+    base, warmup, total, floor = 0.1, 5, 40, 0.2
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=base)
+    after = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total - warmup, eta_min=base * floor)
+             if schedule == "cosine" else torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0))
+    ref = torch.optim.lr_scheduler.SequentialLR(opt, [
+        torch.optim.lr_scheduler.LinearLR(opt, 1 / warmup, 1.0, total_iters=warmup - 1), after], milestones=[warmup])
+    for step in range(total):
+        ours = base * lr_factor(step, warmup_steps=warmup, total_steps=total, schedule=schedule, min_lr_ratio=floor)
+        assert ours == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9, abs=1e-12), step
+        opt.step()
+        ref.step()
+    assert lr_factor(total, warmup_steps=warmup, total_steps=total, schedule=schedule, min_lr_ratio=floor) == \
+        pytest.approx(floor if schedule == "cosine" else 1.0)
+
+
+def test_ema_matches_closed_form():
+    """With the parameter held at p, shadow_k = p + (s_0 - p) * prod(beta_i), beta_i = min(d, (1+i)/(10+i))."""
+    lin = torch.nn.Linear(3, 2)
+    s0 = {k: v.detach().clone() for k, v in lin.named_parameters()}
+    ema = EMA(lin, decay=0.95, warmup=True)
+    with torch.no_grad():
+        for p in lin.parameters():
+            p.add_(1.5)
+    prod = 1.0
+    for i in range(30):
+        ema.update(i)
+        prod *= min(0.95, (1 + i) / (10 + i))
+    for k, p in lin.named_parameters():
+        torch.testing.assert_close(ema.shadow[k], p + (s0[k] - p) * prod, rtol=1e-6, atol=1e-6)
+    sd = ema.model_state_dict(lin)
+    torch.testing.assert_close(sd["weight"], ema.shadow["weight"])
+    with ema.average_parameters():
+        torch.testing.assert_close(lin.weight, ema.shadow["weight"])
+    torch.testing.assert_close(lin.weight, s0["weight"] + 1.5)
+
+
+def test_data_order_is_per_epoch_permutations_and_resumes_mid_epoch():
+    order = DataOrder(10, seed=3)
+    drawn = np.concatenate([order.take(4) for _ in range(8)])  # 3.2 epochs
+    for e in range(3):
+        epoch = drawn[10 * e : 10 * e + 10]
+        assert sorted(epoch) == list(range(10))
+        assert list(epoch) == list(np.random.default_rng([3, e]).permutation(10))
+    assert list(drawn[:10]) != list(drawn[10:20])
+    resumed = DataOrder(10, seed=3, epoch=1, index=6)  # position after 16 items
+    assert list(np.concatenate([resumed.take(4) for _ in range(4)])) == list(drawn[16:32])
+
+
+# -- a whole run ------------------------------------------------------------------------------------------------
+def test_run_folder_outputs_and_previews_do_not_change_training(tmp_path):
+    """Validation and previews (which draw random numbers) leave the training trajectory bit-identical."""
+    busy = train(toy_family.toy_config(tmp_path, "train.eval_every=1", "train.sample_every=2"), tmp_path / "busy")
+    quiet = train(toy_family.toy_config(tmp_path, "train.eval_every=0"), tmp_path / "quiet")
+    assert_identical(final_weights(busy, 12), final_weights(quiet, 12))
+
+    cfg = (busy / "config.yaml").read_text()
+    assert "shape:\n  - 1\n  - 28\n  - 28" in cfg  # filled in by the family from the data
+    lines = [json.loads(x) for x in (busy / "metrics.jsonl").read_text().splitlines()]
+    tr = [r for r in lines if r["split"] == "train"]
+    assert [r["step"] for r in tr] == [2, 4, 6, 8, 10, 12]
+    assert all({"loss", "mse", "lr", "grad_norm", "steps_per_s", "time"} <= r.keys() for r in tr)
+    assert len([r for r in lines if r["split"] == "val" and "val_loss" in r]) == 12
+    assert (busy / "samples" / "loss.png").is_file()
+    assert sorted(p.name for p in (busy / "samples").glob("step_*.png")) == [f"step_{s:07d}.png" for s in
+                                                                              range(2, 13, 2)]
+    assert steps_of(busy) == [3, 6, 9, 12]
+
+    model = GenerativeModel.from_pretrained(resolve_model_dir(busy))  # a run folder resolves to its model/
+    ema = load_file(busy / "checkpoints" / "step_0000012" / "ema.safetensors")
+    assert_identical({k: v for k, v in model.state_dict().items()}, ema)
+    with pytest.raises(GenlabError, match="neither a model folder"):
+        resolve_model_dir(tmp_path)
+
+
+def test_grad_accum_and_batch_split_match_one_big_batch(tmp_path):
+    """Mean loss over 4 micro-batches gives the same update as over the whole batch (noise off: deterministic)."""
+    one = Trainer(toy_family.toy_config(tmp_path, "model.noise=0", "train.steps=4"), tmp_path / "one")
+    one.fit()
+    four = Trainer(toy_family.toy_config(tmp_path, "model.noise=0", "train.steps=4", "train.grad_accum=4"),
+                   tmp_path / "four")
+    four.fit()
+    assert one.model.seen == four.model.seen  # the same items in the same order
+    for (k, a), b in zip(one.model.state_dict().items(), four.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=5e-5, msg=k)  # Adam magnifies rounding
+
+
+# -- crashes, damaged checkpoints, resume -------------------------------------------------------------------------
+def test_crash_during_save_keeps_previous_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
+    ref = train(toy_family.toy_config(tmp_path, "train.steps=9"), tmp_path / "ref")
+
+    real_save = ckpt.save_file
+    calls = []
+
+    def dying_save(*args, **kw):  # the second checkpoint dies half-way through writing its files
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("simulated kill during save")
+        return real_save(*args, **kw)
+
+    monkeypatch.setattr(ckpt, "save_file", dying_save)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="simulated"):
+        Trainer(toy_family.toy_config(tmp_path, "train.steps=9"), run).fit()
+    monkeypatch.setattr(ckpt, "save_file", real_save)
+    assert steps_of(run) == [3]
+    assert any(p.name.startswith(".tmp-step_0000006") for p in (run / "checkpoints").iterdir())
+    ckpt.load_checkpoint(run / "checkpoints" / "step_0000003")  # the previous checkpoint is intact
+
+    trainer = Trainer(toy_family.toy_config(tmp_path, "train.steps=9"), run)
+    assert trainer.step == 3
+    trainer.fit()
+    assert not any(p.name.startswith(".tmp-") for p in (run / "checkpoints").iterdir())
+    assert_identical(final_weights(ref, 9), final_weights(run, 9))
+    assert_identical(load_file(ref / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors"))
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    ref = train(toy_family.toy_config(tmp_path, "train.steps=9"), tmp_path / "ref")
+    run = train(toy_family.toy_config(tmp_path, "train.steps=9"), tmp_path / "run")
+    newest = run / "checkpoints" / "step_0000009" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full disk
+    capsys.readouterr()
+    trainer = Trainer(toy_family.toy_config(tmp_path, "train.steps=9"), run)
+    out = capsys.readouterr().out
+    assert "step_0000009 is unusable" in out and "truncated" in out and "from step_0000006" in out
+    assert trainer.step == 6 and (run / "checkpoints" / "step_0000009.broken").is_dir()
+    trainer.fit()
+    assert_identical(final_weights(ref, 9), final_weights(run, 9))
+
+    for _, path in ckpt.list_checkpoints(run / "checkpoints"):
+        (path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(GenlabError, match="no usable checkpoint .* --no-resume"):
+        Trainer(toy_family.toy_config(tmp_path, "train.steps=9"), run)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(GenlabError, match=r"loss became nan at step 6; .*step_0000004"):
+        train(toy_family.toy_config(tmp_path, "model.nan_after=5", "train.ckpt_every=2"), run)
+    assert steps_of(run) == [2, 4]
+    weights, state = ckpt.load_checkpoint(run / "checkpoints" / "step_0000004")
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in weights["model"].values())
+    assert not (run / "model").exists()
+
+
+def test_resume_refuses_a_changed_config_and_no_resume_starts_over(tmp_path):
+    run = train(toy_family.toy_config(tmp_path, "train.steps=3"), tmp_path / "run")
+    with pytest.raises(GenlabError, match=r"differs .* at train\.lr \(0\.01 -> 0\.02\).*--no-resume"):
+        Trainer(toy_family.toy_config(tmp_path, "train.steps=3", "train.lr=0.02"), run)
+    again = Trainer(toy_family.toy_config(tmp_path, "train.steps=3", "train.log_every=1"), run)  # bookkeeping only
+    assert again.step == 3
+    fresh = Trainer(toy_family.toy_config(tmp_path, "train.steps=3", "train.lr=0.02"), run, resume=False)
+    assert fresh.step == 0 and steps_of(run) == [] and not (run / "metrics.jsonl").exists()
+
+
+def test_max_minutes_stops_with_checkpoint_and_model(tmp_path):
+    trainer = Trainer(toy_family.toy_config(tmp_path, "train.steps=1000", "train.max_minutes=1e-9"), tmp_path / "r")
+    trainer.fit()
+    assert trainer.step == 1 and not trainer.interrupted
+    assert steps_of(tmp_path / "r") == [1] and (tmp_path / "r" / "model" / "model.safetensors").is_file()
+
+
+# -- CLI ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("override", "named", "choices"), [
+    ("train.lrr=1", "lrr", "valid keys: steps, batch_size, lr,"),
+    ("model.hiddn=3", "hiddn", "valid keys: hidden, shape, noise"),
+])
+def test_cli_unknown_key_fails_before_any_work(tmp_path, capsys, override, named, choices):
+    recipe = toy_family.write_recipe(tmp_path)
+    rc = main(["train", str(recipe), "--set", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and choices in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+def test_cli_train_prints_run_and_model_folders(tmp_path, capsys):
+    recipe = toy_family.write_recipe(tmp_path)
+    assert main(["train", str(recipe), "--set", "train.steps=2", "--set", "name=cli"]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "cli"
+    assert f"run folder: {run}" in out and f"model:      {run / 'model'}" in out
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-2]
+    assert last["split"] == "train" and last["step"] == 2 and math.isfinite(last["loss"])
