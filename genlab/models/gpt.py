@@ -79,8 +79,10 @@ class GPT(GenerativeModel):
         )
         self.norm = RMSNorm(c.n_embd, c.norm_eps)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        if c.tie_embeddings:
+        if c.tie_embeddings:  # one tensor, stored once (safetensors refuses shared memory)
             self.lm_head.weight = self.tok_emb.weight
+            self.register_state_dict_post_hook(_drop_tied_head)
+            self.register_load_state_dict_pre_hook(_restore_tied_head)
         cos, sin = rope_tables(self.head_dim, c.block_size, c.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -227,11 +229,8 @@ class GPT(GenerativeModel):
 
     # -- the model folder -------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
-        """config.json + model.safetensors (a tied lm_head is stored once) + tokenizer.json."""
-        sd = dict(state_dict if state_dict is not None else self.state_dict())
-        if self.config.tie_embeddings:
-            sd.pop("lm_head.weight", None)
-        d = super().save_pretrained(directory, sd)
+        """config.json + model.safetensors + tokenizer.json."""
+        d = super().save_pretrained(directory, state_dict)
         self._require_tokenizer().save(d / TOKENIZER_NAME)
         return d
 
@@ -256,7 +255,6 @@ class GPT(GenerativeModel):
         model = cls(config, tokenizer=Tokenizer.from_file(d / TOKENIZER_NAME))
         state = load_weights(d / WEIGHTS_NAME, map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
         if missing or unexpected:
             raise GenlabError(f"{d / WEIGHTS_NAME} does not fit its config: {len(missing)} missing and "
                               f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[0]})")
@@ -266,6 +264,15 @@ class GPT(GenerativeModel):
         if self.tokenizer is None:
             raise GenlabError("this model has no tokenizer: build it from data or load it from a model folder")
         return self.tokenizer
+
+
+def _drop_tied_head(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, local_metadata: Any) -> None:
+    state_dict.pop(prefix + "lm_head.weight", None)
+
+
+def _restore_tied_head(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    if prefix + "tok_emb.weight" in state_dict:
+        state_dict.setdefault(prefix + "lm_head.weight", state_dict[prefix + "tok_emb.weight"])
 
 
 def encode_text(tok: Tokenizer, text: str) -> Tensor:

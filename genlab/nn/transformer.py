@@ -20,7 +20,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -93,11 +94,24 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(layer, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and past == 0 and T > 1,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != Hkv,
-        )
+        if T == 1 and cache is not None:  # one new token: plain matmuls beat SDPA's setup cost on CPU
+            y = _decode_attention(q, k, v, mask, Hkv)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and past == 0 and T > 1,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=H != Hkv,
+            )
         return self.wo(y.transpose(1, 2).reshape(B, T, H * self.head_dim))
+
+
+def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n_kv_head: int) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for one query per row; query heads grouped over their shared KV head."""
+    B, H, _, D = q.shape
+    qg = q.view(B, n_kv_head, H // n_kv_head, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * D**-0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v).view(B, H, 1, D)
 
 
 class SwiGLU(nn.Module):
