@@ -15,7 +15,11 @@ from genlab.errors import GenlabError
 # subcommand -> one-line help; the module is genlab.commands.<name>
 COMMANDS = {
     "data": "list and look at datasets",
+    "demo": "train the default recipe for a bounded time, sample it and write a report",
     "train": "train a model from a recipe (resumes from the run folder's checkpoints)",
+    "tokenizer": "train a BPE or character tokenizer on a text dataset",
+    "generate": "generate text with a language model (sampling, beam search, speculative, streaming)",
+    "export": "export a language model to the Hugging Face format",
 }
 
 
