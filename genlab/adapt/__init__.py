@@ -1,0 +1,1 @@
+"""Adapting trained models: supervised fine-tuning on chat conversations (`genlab.adapt.sft`)."""

@@ -1,0 +1,41 @@
+"""`genlab tokenizer train --data fortunes --vocab 4096 [--kind bpe|char] --out tokenizer.json`."""
+
+from __future__ import annotations
+
+import argparse
+
+from genlab.config import DataConfig
+from genlab.data import TextDataset, load_dataset
+from genlab.errors import GenlabError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = sub.add_parser("train", help="train a byte-level BPE or character tokenizer on a text dataset")
+    t.add_argument("--data", required=True, help="a built-in text dataset (fortunes, jargon) or a UTF-8 text file")
+    t.add_argument("--kind", choices=("bpe", "char"), default="bpe")
+    t.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size (ignored for char)")
+    t.add_argument("--out", default="tokenizer.json", help="output file (or folder)")
+    e = sub.add_parser("encode", help="print the tokens of a text")
+    e.add_argument("tokenizer", help="tokenizer.json or a model folder")
+    e.add_argument("text")
+
+
+def run(args: argparse.Namespace) -> int:
+    from genlab.data.tokenizer import Tokenizer, train_tokenizer
+
+    if args.tokenizer_command == "encode":
+        tok = Tokenizer.from_file(args.tokenizer)
+        ids = tok.encode(args.text)
+        print(" ".join(f"{tok.tok.id_to_token(i)!r}:{i}" for i in ids))
+        print(f"{len(ids)} tokens for {len(args.text)} characters")
+        return 0
+    ds = load_dataset(DataConfig(name=args.data))
+    if not isinstance(ds, TextDataset):
+        raise GenlabError(f"--data {args.data!r} is not text; give fortunes, jargon or a .txt file")
+    tok = train_tokenizer(ds.text, args.kind, args.vocab)
+    path = tok.save(args.out)
+    n = sum(len(x) for x in tok.encode_batch(ds.text.split("\n")))
+    print(f"wrote {path}: {args.kind}, {tok.vocab_size} tokens; {len(ds.text) / max(n, 1):.2f} characters per token "
+          f"on {args.data}")
+    return 0
