@@ -1,0 +1,1 @@
+"""Evaluation: genlab-trained feature networks, FID / KID / IS / precision-recall, likelihoods."""
