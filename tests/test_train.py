@@ -127,6 +127,22 @@ def test_grad_accum_and_batch_split_match_one_big_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=5e-5, msg=k)  # Adam magnifies rounding
 
 
+def test_family_train_step_with_two_optimizers_resumes_exactly(tmp_path):
+    """A family's own train_step (two optimizers, as in a GAN): both LR schedules run, both states resume."""
+    ref = Trainer(toy_family.toy_config(tmp_path, "family=toy2", "train.steps=6"), tmp_path / "ref")
+    ref.fit()
+    assert [o.param_groups[0]["lr"] for o in ref.optimizers] == [pytest.approx(1e-2 * lr_factor(
+        6, warmup_steps=3, total_steps=6, schedule="cosine", min_lr_ratio=0.1))] * 2
+    lines = (tmp_path / "ref" / "metrics.jsonl").read_text()
+    assert '"loss_0"' in lines and '"loss_1"' in lines
+    run = train(toy_family.toy_config(tmp_path, "family=toy2", "train.steps=6"), tmp_path / "run")
+    ckpt.quarantine(run / "checkpoints" / "step_0000006")  # as if killed after step 3's checkpoint
+    again = Trainer(toy_family.toy_config(tmp_path, "family=toy2", "train.steps=6"), run)
+    assert again.step == 3
+    again.fit()
+    assert_identical(final_weights(tmp_path / "ref", 6), final_weights(run, 6))
+
+
 # -- crashes, damaged checkpoints, resume -------------------------------------------------------------------------
 def test_crash_during_save_keeps_previous_checkpoint_and_resume_is_exact(tmp_path, monkeypatch):
     ref = train(toy_family.toy_config(tmp_path, "train.steps=9"), tmp_path / "ref")

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import toy_family
 import torch
+import toy_family
 from safetensors.torch import load_file
 
 from genlab.train import Trainer

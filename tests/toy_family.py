@@ -88,6 +88,27 @@ class Toy(GenerativeModel):
         return [save_grid(self.sample(sample_cfg.n, generator=generator), Path(stem).with_suffix(".png"))]
 
 
+@MODELS.register("toy2")
+class TwoOptimizerToy(Toy):
+    """Two optimizers (one per layer) stepped in turn by the family's own `train_step`, as a GAN's would be."""
+
+    family = "toy2"
+
+    def configure_optimizers(self, train_cfg: Any) -> list[torch.optim.Optimizer]:
+        return [torch.optim.AdamW(layer.parameters(), lr=train_cfg.lr) for layer in (self.net[0], self.net[2])]
+
+    def train_step(self, batch: dict[str, Any], optimizers: list[Any], accelerator: Any, objective: Any
+                   ) -> dict[str, Tensor]:
+        out = {}
+        for i, opt in enumerate(optimizers):
+            self.zero_grad(set_to_none=True)
+            losses = objective(batch)
+            accelerator.backward(losses["loss"])
+            opt.step()
+            out[f"loss_{i}"] = losses["loss"].detach()
+        return {"loss": out["loss_1"], **out}
+
+
 RECIPE = {
     "name": "toy",
     "family": "toy",
