@@ -9,6 +9,7 @@ from genlab.registry import MODELS
 # family name -> module that registers it (imported on first use, so the CLI starts fast)
 FAMILY_MODULES = {
     "diffusion": "genlab.models.diffusion",
+    "autoencoder_kl": "genlab.models.autoencoder",
     "gpt": "genlab.models.gpt",
 }
 

@@ -1,0 +1,337 @@
+"""KL-regularized autoencoder (the first stage of latent diffusion, Rombach et al. 2022, sec. 3.1 and app. G).
+
+An encoder maps an image to a diagonal Gaussian posterior q(z|x) = N(mean, exp(logvar)) over a latent of
+`z_channels` x (image_size / 2^(levels - 1))^2; a latent is drawn with the reparameterization trick
+(Kingma & Welling 2014, eq. 10) and decoded back. The loss is a pixel reconstruction error (L1 or L2) plus a
+small KL(q(z|x) || N(0, I)) (Kingma & Welling 2014, app. B); the patch discriminator of Esser et al. 2021 is
+not part of this family. Latent diffusion divides latents by their standard deviation on the training data
+(`latent_scaling_factor`, Rombach et al. 2022, app. G "scale factor").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from genlab.data.images import save_grid
+from genlab.errors import GenlabError
+from genlab.models.base import GenerativeModel, ModelConfig
+from genlab.nn.attention import SelfAttention2d
+from genlab.nn.resnet import Downsample, Upsample
+from genlab.registry import MODELS
+
+MAX_SAMPLES = 10_000
+
+
+@dataclass
+class AutoencoderConfig(ModelConfig):
+    """Image shape, encoder/decoder widths, latent size and loss weights of a KL autoencoder."""
+
+    image_size: int = 0  # 0: take from the data
+    channels: int = 0  # 0: take from the data
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # one level per entry; each level after the first halves the side
+    num_res_blocks: int = 1
+    attention: bool = False  # self-attention in the middle of encoder and decoder
+    norm_groups: int = 8
+    z_channels: int = 4
+    reconstruction: str = "l1"  # l1 | l2
+    kl_weight: float = 1e-4  # weight of the KL (nats per latent element) against the per-pixel reconstruction
+    decoder_scale: float = 0.1  # scale of the Laplace (l1) / Gaussian (l2) decoder used by log_likelihood
+
+
+def _check(cfg: AutoencoderConfig) -> None:
+    if cfg.image_size <= 0 or cfg.channels <= 0:
+        raise GenlabError("model.image_size and model.channels must be set (or build the model from a dataset)")
+    if cfg.reconstruction not in ("l1", "l2"):
+        raise GenlabError(f"model.reconstruction={cfg.reconstruction!r} is unknown; choose l1 or l2")
+    if not cfg.channel_mults or min(cfg.channel_mults) < 1 or cfg.base_channels < 1 or cfg.num_res_blocks < 1:
+        raise GenlabError("model.base_channels, model.channel_mults and model.num_res_blocks must be positive")
+    factor = 2 ** (len(cfg.channel_mults) - 1)
+    if cfg.image_size % factor:
+        raise GenlabError(f"model.image_size={cfg.image_size} must be divisible by the downsampling factor {factor} "
+                          f"(2 ^ (len(model.channel_mults) - 1)); change data.image_size or model.channel_mults")
+    for width in {cfg.base_channels * m for m in cfg.channel_mults}:
+        if width % cfg.norm_groups:
+            raise GenlabError(f"channel width {width} (base_channels x channel_mults) must be divisible by "
+                              f"model.norm_groups={cfg.norm_groups}")
+    if cfg.z_channels < 1 or cfg.kl_weight < 0 or cfg.decoder_scale <= 0:
+        raise GenlabError("model.z_channels must be >= 1, model.kl_weight >= 0 and model.decoder_scale > 0")
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice with a residual connection, no conditioning (the LDM autoencoder's block,
+    Rombach et al. 2022, app. G; He et al. 2016)."""
+
+    def __init__(self, in_ch: int, out_ch: int, norm_groups: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.GroupNorm(norm_groups, in_ch), nn.SiLU(), nn.Conv2d(in_ch, out_ch, 3, padding=1),
+            nn.GroupNorm(norm_groups, out_ch), nn.SiLU(), nn.Conv2d(out_ch, out_ch, 3, padding=1),
+        )
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.skip(x) + self.block(x)
+
+
+def _middle(ch: int, cfg: AutoencoderConfig) -> nn.Sequential:
+    attn = [SelfAttention2d(ch, head_channels=ch, norm_groups=cfg.norm_groups)] if cfg.attention else []
+    return nn.Sequential(ResnetBlock(ch, ch, cfg.norm_groups), *attn, ResnetBlock(ch, ch, cfg.norm_groups))
+
+
+class Encoder(nn.Module):
+    """x (B, C, H, W) -> (mean, logvar) of q(z|x), each (B, z_channels, H/f, W/f)."""
+
+    def __init__(self, cfg: AutoencoderConfig) -> None:
+        super().__init__()
+        widths = [cfg.base_channels * m for m in cfg.channel_mults]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, widths[0], 3, padding=1)]
+        ch = widths[0]
+        for level, width in enumerate(widths):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResnetBlock(ch, width, cfg.norm_groups))
+                ch = width
+            if level < len(widths) - 1:
+                layers.append(Downsample(ch))
+        layers += [_middle(ch, cfg), nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(),
+                   nn.Conv2d(ch, 2 * cfg.z_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean, logvar = self.net(x).chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+
+class Decoder(nn.Module):
+    """z (B, z_channels, h, w) -> image (B, C, h*f, w*f), mirroring the encoder with nearest upsampling."""
+
+    def __init__(self, cfg: AutoencoderConfig) -> None:
+        super().__init__()
+        widths = [cfg.base_channels * m for m in cfg.channel_mults][::-1]
+        ch = widths[0]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.middle = _middle(ch, cfg)
+        self.levels = nn.ModuleList()
+        self.upsample = nn.ModuleList()
+        for level, width in enumerate(widths):
+            blocks = []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(ch, width, cfg.norm_groups))
+                ch = width
+            self.levels.append(nn.Sequential(*blocks))
+            if level < len(widths) - 1:
+                self.upsample.append(Upsample(ch))
+        self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(),
+                                 nn.Conv2d(ch, cfg.channels, 3, padding=1))
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.middle(self.conv_in(z))
+        for i, level in enumerate(self.levels):
+            h = level(h)
+            if i < len(self.upsample):
+                h = self.upsample[i](h, (2 * h.shape[-2], 2 * h.shape[-1]))
+        return self.out(h)
+
+
+def kl_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, I)) per element: 0.5 (mean^2 + var - 1 - logvar) (Kingma & Welling 2014,
+    app. B)."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+@MODELS.register("autoencoder_kl")
+class AutoencoderKL(GenerativeModel):
+    """Encoder, reparameterized Gaussian latent, decoder; loss = rec(x, x_hat) + kl_weight * KL
+    (Rombach et al. 2022, sec. 3.1; Kingma & Welling 2014, eq. 10)."""
+
+    family = "autoencoder_kl"
+    config_class = AutoencoderConfig
+
+    def __init__(self, config: AutoencoderConfig) -> None:
+        super().__init__(config)
+        _check(config)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+
+    @property
+    def downsampling(self) -> int:
+        """The side ratio f between images and latents."""
+        return 2 ** (len(self.config.channel_mults) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(z_channels, h, w) of one latent."""
+        s = self.config.image_size // self.downsampling
+        return self.config.z_channels, s, s
+
+    @classmethod
+    def build(cls, config: AutoencoderConfig, dataset: Any) -> AutoencoderKL:
+        """Fill image_size and channels from `dataset.info` where the config leaves them at 0."""
+        info = dataset.info
+        if info.kind != "image":
+            raise GenlabError(f"the autoencoder_kl family needs an image dataset; {info.name!r} is {info.kind}")
+        for key in ("image_size", "channels"):
+            ours, theirs = getattr(config, key), getattr(info, key)
+            if ours and ours != theirs:
+                raise GenlabError(f"model.{key}={ours} but dataset {info.name!r} has {theirs}; drop the key "
+                                  f"or set data.image_size")
+        return cls(dataclasses.replace(config, image_size=info.image_size, channels=info.channels))
+
+    # -- the two halves ---------------------------------------------------------------------
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The posterior q(z|x) as (mean, logvar), for images in [-1, 1]."""
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Images (unclamped, nominally in [-1, 1]) for latents `z`."""
+        return self.decoder(z)
+
+    @staticmethod
+    def reparameterize(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) (Kingma & Welling 2014, eq. 10)."""
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + (0.5 * logvar).exp() * eps
+
+    def _reconstruction(self, x: Tensor, x_hat: Tensor) -> Tensor:
+        """Per-image mean reconstruction error, (B,)."""
+        err = (x_hat - x).abs() if self.config.reconstruction == "l1" else (x_hat - x).pow(2)
+        return err.flatten(1).mean(1)
+
+    # -- training -----------------------------------------------------------------------------
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """loss = mean |x - D(z)| (or squared) + kl_weight * mean KL per latent element, z ~ q(z|x)."""
+        x = batch["x"]
+        mean, logvar = self.encode(x)
+        x_hat = self.decode(self.reparameterize(mean, logvar))
+        rec = self._reconstruction(x, x_hat).mean()
+        kl = kl_standard_normal(mean, logvar).mean()
+        return {"loss": rec + self.config.kl_weight * kl, "rec": rec.detach(), "kl": kl.detach()}
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """D(mean of q(z|x)), clamped to [-1, 1]."""
+        return self.decode(self.encode(x)[0]).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def validation_metrics(self, val_data: Any, batch_size: int = 256) -> dict[str, float]:
+        """Reconstruction loss and PSNR (dB, images in [0, 1], Hore & Ziou 2010) through the posterior mean."""
+        device = next(self.parameters()).device
+        rec_sum, mse_sum, psnr_sum, n = 0.0, 0.0, 0.0, 0
+        for start in range(0, len(val_data), batch_size):
+            x = val_data.get_batch(torch.arange(start, min(start + batch_size, len(val_data))))["x"].to(device)
+            x_hat = self.reconstruct(x)
+            rec_sum += self._reconstruction(x, x_hat).sum().item()
+            mse = ((x_hat - x) / 2).pow(2).flatten(1).mean(1)
+            mse_sum += mse.sum().item()
+            psnr_sum += psnr(mse).sum().item()
+            n += x.shape[0]
+        return {"rec_loss": rec_sum / n, "psnr": psnr_sum / n,
+                "psnr_of_mean_mse": psnr(torch.tensor(mse_sum / n)).item()}
+
+    # -- the family contract --------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, cond: Any = None, generator: torch.Generator | None = None, **opts: Any) -> Tensor:
+        """Decode `n` prior draws z ~ N(0, I) (poor images: the KL is weak, so the prior is not the aggregate
+        posterior; this is why latent diffusion models the latents)."""
+        if opts:
+            raise GenlabError(f"the autoencoder_kl family takes no sampling options, got {', '.join(opts)}")
+        if cond is not None:
+            raise GenlabError("the autoencoder is unconditional; leave out the label")
+        if not 1 <= n <= MAX_SAMPLES:
+            raise GenlabError(f"n={n} is out of range; use 1..{MAX_SAMPLES}")
+        device = next(self.parameters()).device
+        gen_device = generator.device if generator is not None else device
+        z = torch.randn((n, *self.latent_shape), generator=generator, device=gen_device).to(device)
+        return self.decode(z).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def log_likelihood(self, x: Tensor, cond: Any = None) -> Tensor:
+        """The ELBO E_q[log p(x|z)] - KL(q(z|x) || p(z)) in nats per image (Kingma & Welling 2014, eq. 3), with a
+        one-sample estimate of the expectation and a Laplace (l1) or Gaussian (l2) decoder of scale
+        `decoder_scale` on images in [-1, 1] (a density bound, not a discrete likelihood)."""
+        mean, logvar = self.encode(x)
+        x_hat = self.decode(self.reparameterize(mean, logvar))
+        b = self.config.decoder_scale
+        if self.config.reconstruction == "l1":
+            log_px = -(x - x_hat).abs() / b - math.log(2 * b)
+        else:
+            log_px = -0.5 * ((x - x_hat) / b).pow(2) - math.log(b) - 0.5 * math.log(2 * math.pi)
+        return log_px.flatten(1).sum(1) - kl_standard_normal(mean, logvar).flatten(1).sum(1)
+
+    def prepare_data(self, dataset: Any) -> Any:
+        """The images themselves; the first 8 of the latest dataset prepared (the held-out split, when the trainer
+        has one) are kept for the reconstruction preview."""
+        keep = torch.arange(min(8, len(dataset)))
+        self.preview_x = dataset.get_batch(keep)["x"]
+        return dataset
+
+    def write_preview(self, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
+        """Two PNG grids: held-out images above their reconstructions, and decoded prior draws."""
+        stem = Path(stem)
+        paths = []
+        preview_x = getattr(self, "preview_x", None)
+        if preview_x is not None:
+            x = preview_x.to(next(self.parameters()).device)
+            pairs = torch.cat([x, self.reconstruct(x)])
+            paths.append(save_grid(pairs, stem.with_name(stem.name + "_recon.png"), nrow=x.shape[0],
+                                   params={"top": "input", "bottom": "reconstruction"}))
+        x = self.sample(min(sample_cfg.n, 64), generator=generator)
+        paths.append(save_grid(x, stem.with_suffix(".png"), params={"n": x.shape[0], "seed": sample_cfg.seed,
+                                                                    "prior": "N(0, I)"}))
+        return paths
+
+
+def psnr(mse: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio 10 log10(1 / MSE) for images in [0, 1] (Hore & Ziou 2010, eq. 2)."""
+    return 10.0 * torch.log10(1.0 / mse.clamp(min=1e-12))
+
+
+class LatentDataset:
+    """A dataset's images replaced by autoencoder latents (posterior means) times `scale`, labels kept: what
+    latent diffusion trains on (Rombach et al. 2022, sec. 3.3)."""
+
+    def __init__(self, latents: Tensor, labels: Tensor, info: Any) -> None:
+        self.latents, self.labels, self.info = latents, labels, info
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def get_batch(self, idx: Tensor | list[int]) -> dict[str, Any]:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return {"x": self.latents[idx], "label": self.labels[idx]}
+
+
+@torch.no_grad()
+def encode_dataset(ae: AutoencoderKL, dataset: Any, scale: float = 1.0, limit: int | None = None,
+                   batch_size: int = 128) -> LatentDataset:
+    """Encode the first `limit` (default: all) items of `dataset` once, in eval mode on the AE's device."""
+    device = next(ae.parameters()).device
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    was_training = ae.training
+    ae.eval()
+    latents, labels = [], []
+    try:
+        for start in tqdm(range(0, n, batch_size), desc="encoding", leave=False):
+            batch = dataset.get_batch(torch.arange(start, min(start + batch_size, n)))
+            latents.append(ae.encode(batch["x"].to(device))[0].float().cpu() * scale)
+            labels.append(batch["label"])
+    finally:
+        ae.train(was_training)
+    return LatentDataset(torch.cat(latents), torch.cat(labels), dataset.info)
+
+
+def latent_scaling_factor(latents: Tensor) -> float:
+    """1 / std of the latents over all items and elements, so scaled latents have unit variance
+    (Rombach et al. 2022, app. G; the "scale_factor" of Stable Diffusion)."""
+    std = latents.float().std().item()
+    if not math.isfinite(std) or std <= 0:
+        raise GenlabError("the autoencoder's latents have zero or non-finite spread; retrain the autoencoder")
+    return 1.0 / std
