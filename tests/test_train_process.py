@@ -121,3 +121,20 @@ def test_accelerate_launch_runs_the_cli_unchanged(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("run folder:") == 1  # printed by the main process only
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3, 4]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_saves_once_on_both_processes(tmp_path):
+    """Ctrl-C at a terminal signals the launcher and both workers (and the launcher forwards it again)."""
+    recipe = str(toy_family.write_recipe(tmp_path))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29573",
+                             str(TESTS / "toy_cli.py"), "train", recipe, "--run-dir", str(run), "--set",
+                             "train.steps=100000", "--set", "model.step_sleep=0.02", "--set", "train.ckpt_every=0"],
+                            env=env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for(lambda: (run / "metrics.jsonl").exists(), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert err.count("genlab: interrupted") == 2 and "interrupted at step" in out
+    assert len(list_checkpoints(run / "checkpoints")) == 1 and (run / "model" / "model.safetensors").is_file()

@@ -342,8 +342,8 @@ class Trainer:
             totals["grad_norm"] = grad_norm.detach().float()
         return totals
 
-    def _reduce(self, out: dict[str, Tensor], flags: list[float]) -> tuple[dict[str, float], bool]:
-        """Average the step's scalars over processes (one all-reduce); True if any process asks to stop."""
+    def _reduce(self, out: dict[str, Tensor], flags: list[bool]) -> tuple[dict[str, float], list[bool]]:
+        """Average the step's scalars over processes and OR their `flags`, in one all-reduce."""
         keys = sorted(k for k, v in out.items() if isinstance(v, Tensor | float) and torch.as_tensor(v).numel() == 1)
         device = self.accelerator.device
         vals = torch.stack([torch.as_tensor(out[k], dtype=torch.float32, device=device).reshape(()) for k in keys]
@@ -352,7 +352,7 @@ class Trainer:
             vals = self.accelerator.reduce(vals, reduction="sum")
         v = vals.tolist()
         stats = {k: x / self.world for k, x in zip(keys, v[: len(keys)])}
-        return stats, any(x > 0 for x in v[len(keys) :])
+        return stats, [x > 0 for x in v[len(keys) :]]
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -362,16 +362,16 @@ class Trainer:
                     desc=self.cfg.name)
         window: dict[str, float] = {}
         window_n, window_t = 0, time.monotonic()
-        old_handler = self._install_sigint()
-        stop = False
+        old_handlers = self._install_signal_handlers()
+        interrupted = time_up = False
         try:
-            while self.step < t.steps and not stop:
+            while self.step < t.steps and not (interrupted or time_up):
                 lr = self.schedulers[0].get_last_lr()[0]
                 out = self.step_fn(self._next_batch(), self.optimizers, self.accelerator, self.objective)
                 if "loss" not in out:
                     raise GenlabError(f"the {self.cfg.family} train step returned no 'loss'")
-                time_up = t.max_minutes is not None and time.monotonic() - self.t_start > 60 * t.max_minutes
-                stats, stop = self._reduce(out, [float(self._stop_requested), float(time_up)])
+                out_of_time = t.max_minutes is not None and time.monotonic() - self.t_start > 60 * t.max_minutes
+                stats, (interrupted, time_up) = self._reduce(out, [self._stop_requested, out_of_time])
                 bad = [k for k in ("loss", "grad_norm") if k in stats and not math.isfinite(stats[k])]
                 if bad and self.accelerator.scaler is None:
                     raise GenlabError(self._nonfinite_message(bad[0], stats[bad[0]]))
@@ -384,7 +384,7 @@ class Trainer:
                 window_n += 1
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
-                if self.step % t.log_every == 0 or self.step == t.steps or stop:
+                if self.step % t.log_every == 0 or self.step == t.steps or interrupted or time_up:
                     now = time.monotonic()
                     rec = {k: v / window_n for k, v in window.items()}
                     self._write_metrics({"split": "train", **rec, "lr": lr, "steps_per_s": window_n / (now - window_t),
@@ -398,11 +398,11 @@ class Trainer:
                     self.save()
         finally:
             pbar.close()
-            if old_handler is not None:
-                signal.signal(signal.SIGINT, old_handler)
-        self.interrupted = self.step < t.steps and self._stop_requested
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        self.interrupted = interrupted and self.step < t.steps
         if self.step < t.steps:
-            reason = "interrupted" if self.interrupted else f"time limit of {t.max_minutes} minutes reached"
+            reason = "interrupted" if interrupted else f"time limit of {t.max_minutes} minutes reached"
             self.log(f"{reason} at step {self.step}/{t.steps}: saving a checkpoint; run the same command to resume")
         last = list_checkpoints(self.ckpt_root)
         if not last or last[-1][0] != self.step:
@@ -414,17 +414,29 @@ class Trainer:
         self.export()
         return self.run_dir / "model"
 
-    def _install_sigint(self) -> Any:
-        """First Ctrl-C: finish the step, save and stop; a second one aborts at once."""
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """First Ctrl-C (SIGINT) or SIGTERM (a launcher or scheduler stopping the job): finish the step, save and
+        stop. A second signal more than 2 s later aborts at once (launchers such as torchrun forward the first
+        one to their workers within milliseconds, so such echoes are ignored). Returns the previous handlers."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
+        sigs = (signal.SIGINT, signal.SIGTERM)
+        first: list[float] = []
 
         def handler(signum: int, frame: Any) -> None:
-            self._stop_requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            self.log("Ctrl-C: stopping after this step (press again to abort without saving)")
+            if not first:
+                first.append(time.monotonic())
+                self._stop_requested = True
+                self.log(f"{signal.Signals(signum).name}: stopping after this step (again to abort without saving)")
+            elif time.monotonic() - first[0] > 2.0:
+                for sig in sigs:
+                    signal.signal(sig, old[sig])
+                signal.raise_signal(signum)
 
-        return signal.signal(signal.SIGINT, handler)
+        old = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in sigs}
+        for sig in sigs:
+            signal.signal(sig, handler)
+        return old
 
     def _nonfinite_message(self, key: str, value: float) -> str:
         good = list_checkpoints(self.ckpt_root)
