@@ -20,6 +20,7 @@ COMMANDS = {
     "tokenizer": "train a BPE or character tokenizer on a text dataset",
     "generate": "generate text with a language model (sampling, beam search, speculative, streaming)",
     "export": "export a language model to the Hugging Face format",
+    "sample": "draw images from a diffusion model (DDIM, DDPM, classifier-free guidance) into PNGs",
 }
 
 

@@ -1,0 +1,273 @@
+"""Denoising diffusion (Ho et al. 2020) with an eps-predicting backbone, classifier-free guidance
+(Ho & Salimans 2022) and the samplers of `genlab.sampling.diffusion`."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import genlab.nn.dit  # noqa: F401  (registers the "dit" backbone)
+import genlab.nn.unet  # noqa: F401  (registers the "unet" backbone)
+import genlab.sampling.diffusion  # noqa: F401  (registers the samplers)
+from genlab.config import from_dict, to_dict
+from genlab.data.images import save_grid
+from genlab.errors import GenlabError
+from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL, encode_dataset, latent_scaling_factor
+from genlab.models.base import GenerativeModel, ModelConfig
+from genlab.registry import BACKBONES, MODELS, SAMPLERS
+from genlab.sampling.diffusion import Denoiser, Generators, classifier_free_guidance, default_noise_sampler, randn
+from genlab.sampling.schedules import (
+    alpha_bar_from_betas,
+    make_betas,
+    sigma_from_alpha_bar,
+    sigma_to_t,
+    sigmas_for_timesteps,
+    spaced_timesteps,
+)
+from genlab.train.checkpoint import resolve_model_dir
+
+MAX_SAMPLES = 10_000
+LATENT_SCALE_ITEMS = 1024  # training items whose latents set the latent scale
+
+
+@dataclass
+class DiffusionConfig(ModelConfig):
+    """A pixel-space DDPM: data shape, backbone size, noise schedule and training options."""
+
+    image_size: int = 0  # 0: take from the data
+    channels: int = 0  # 0: take from the data
+    num_classes: int = 0  # 0: take from the data (when class_cond); the label embedding adds a null class
+    class_cond: bool = True  # condition on the dataset's labels when it has any
+    backbone: str = "unet"
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_resolutions: tuple[int, ...] = (7,)  # feature-map sizes with self-attention (the middle always has it)
+    head_channels: int = 32
+    norm_groups: int = 8
+    dropout: float = 0.0
+    cond_drop: float = 0.1  # rate at which training labels become the null class (for guidance)
+    schedule: str = "linear"  # linear | cosine
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "eps"
+    clip_denoised: bool = True  # clamp the predicted x0 to [-1, 1] while sampling (pixel space only)
+    # DiT backbone (backbone: dit; Peebles & Xie 2023)
+    patch_size: int = 2
+    hidden_size: int = 256
+    depth: int = 6
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    # latent diffusion (Rombach et al. 2022): image_size and channels then describe the latents
+    autoencoder: str | None = None  # a trained autoencoder_kl model (or run) folder, read by build
+    autoencoder_config: dict[str, Any] = field(default_factory=dict)  # filled by build; its weights are ours
+    latent_scale: float = 0.0  # latents are multiplied by this; 0: 1 / std of training latents (build)
+
+
+def _check(cfg: DiffusionConfig) -> None:
+    if cfg.image_size <= 0 or cfg.channels <= 0:
+        raise GenlabError("model.image_size and model.channels must be set (or build the model from a dataset)")
+    if cfg.prediction != "eps":
+        raise GenlabError(f"model.prediction={cfg.prediction!r} is not supported; use eps")
+    if not 0.0 <= cfg.cond_drop < 1.0:
+        raise GenlabError(f"model.cond_drop={cfg.cond_drop} must be in [0, 1)")
+    if cfg.timesteps < 2:
+        raise GenlabError(f"model.timesteps={cfg.timesteps} must be at least 2")
+    if not cfg.channel_mults or min(cfg.channel_mults) < 1 or cfg.base_channels < 1 or cfg.num_res_blocks < 1:
+        raise GenlabError("model.base_channels, model.channel_mults and model.num_res_blocks must be positive")
+    for width in {cfg.base_channels * m for m in cfg.channel_mults}:
+        if width % cfg.norm_groups or (width > cfg.head_channels and width % cfg.head_channels):
+            raise GenlabError(
+                f"channel width {width} (base_channels x channel_mults) must be divisible by "
+                f"model.norm_groups={cfg.norm_groups} and (when wider) model.head_channels={cfg.head_channels}"
+            )
+
+
+def _frozen_autoencoder(config: DiffusionConfig) -> AutoencoderKL | None:
+    """The first-stage autoencoder of a latent model (weights come with this model's own), frozen; else None."""
+    if not config.autoencoder_config:
+        return None
+    if config.latent_scale <= 0:
+        raise GenlabError("model.latent_scale must be positive for a latent model (or 0 with model.autoencoder "
+                          "set, to compute it from the data)")
+    ae = AutoencoderKL(from_dict(AutoencoderConfig, config.autoencoder_config, prefix="model.autoencoder_config."))
+    return ae.requires_grad_(False).eval()
+
+
+@MODELS.register("diffusion")
+class DiffusionModel(GenerativeModel):
+    """DDPM trained with the simple loss ||eps - eps_theta(x_t, t, y)||^2 (Ho et al. 2020, eq. 14)."""
+
+    family = "diffusion"
+    config_class = DiffusionConfig
+
+    def __init__(self, config: DiffusionConfig) -> None:
+        super().__init__(config)
+        _check(config)
+        self.num_classes = config.num_classes if config.class_cond else 0
+        self.net = BACKBONES.get(config.backbone).from_config(config, self.num_classes)
+        self.autoencoder = _frozen_autoencoder(config)  # latent diffusion; None in pixel space
+        alpha_bar = alpha_bar_from_betas(make_betas(config.schedule, config.timesteps, config.beta_start,
+                                                    config.beta_end))
+        self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
+        self.register_buffer("sigmas", sigma_from_alpha_bar(alpha_bar).float(), persistent=False)
+
+    @classmethod
+    def build(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
+        """Fill image_size, channels and num_classes from `dataset.info` where the config leaves them at 0."""
+        info = dataset.info
+        if info.kind != "image":
+            raise GenlabError(f"the diffusion family needs an image dataset; {info.name!r} is {info.kind}")
+        for key in ("image_size", "channels"):
+            ours, theirs = getattr(config, key), getattr(info, key)
+            if ours and ours != theirs:
+                raise GenlabError(f"model.{key}={ours} but dataset {info.name!r} has {theirs}; drop the key "
+                                  f"or set data.image_size")
+        num_classes = config.num_classes or (info.num_classes if config.class_cond else 0)
+        config = dataclasses.replace(config, image_size=info.image_size, channels=info.channels,
+                                     num_classes=num_classes)
+        return cls._with_autoencoder(config, dataset) if config.autoencoder else cls(config)
+
+    @classmethod
+    def _with_autoencoder(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
+        """Latent diffusion (Rombach et al. 2022, sec. 3.3): load the trained autoencoder, take the latent scale
+        as 1 / std of the first LATENT_SCALE_ITEMS training latents (app. G) unless the config sets it, and size
+        the denoiser for latents. The autoencoder's weights become part of this model's, so its folder is
+        self-contained."""
+        ae = GenerativeModel.from_pretrained(resolve_model_dir(config.autoencoder))
+        if not isinstance(ae, AutoencoderKL):
+            raise GenlabError(f"model.autoencoder={config.autoencoder!r} holds a {ae.family} model; give the model "
+                              "folder of a trained autoencoder_kl")
+        ae_shape, data_shape = (ae.config.channels, ae.config.image_size), (config.channels, config.image_size)
+        if ae_shape != data_shape:
+            raise GenlabError(f"the autoencoder was trained on {ae_shape[0]}-channel {ae_shape[1]}px images but the "
+                              f"data has {data_shape[0]}-channel {data_shape[1]}px ones; set data.image_size="
+                              f"{ae_shape[1]} or use another autoencoder")
+        scale = config.latent_scale
+        if scale <= 0:
+            scale = latent_scaling_factor(encode_dataset(ae, dataset, limit=LATENT_SCALE_ITEMS).latents)
+        c, h, _ = ae.latent_shape
+        model = cls(dataclasses.replace(config, image_size=h, channels=c, autoencoder_config=to_dict(ae.config),
+                                        latent_scale=scale))
+        model.autoencoder.load_state_dict(ae.state_dict())
+        return model
+
+    def prepare_data(self, dataset: Any) -> Any:
+        """Pixel space: the dataset; latent space: its images encoded once into scaled latents."""
+        if self.autoencoder is None:
+            return dataset
+        return encode_dataset(self.autoencoder, dataset, scale=self.config.latent_scale)
+
+    # -- training -----------------------------------------------------------------------
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Sample t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps; MSE on eps."""
+        x0 = batch["x"]
+        B = x0.shape[0]
+        t = torch.randint(0, self.config.timesteps, (B,), device=x0.device)
+        eps = torch.randn_like(x0)
+        alpha_bar = self.alpha_bar[t].view(B, 1, 1, 1)
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+        y = None
+        if self.num_classes:
+            y = batch["label"].to(x0.device)
+            y = torch.where(y < 0, self.num_classes, y)  # unlabeled items train the null class
+            y = self.net.label_embed.drop(y, self.config.cond_drop if self.training else 0.0)
+        return {"loss": F.mse_loss(self.net(x_t, t, y), eps)}
+
+    # -- sampling -----------------------------------------------------------------------
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, quantize: bool = True) -> Tensor:
+        """D(x, sigma, y) = x - sigma * eps_theta(x / sqrt(1 + sigma^2), t(sigma), y) (Karras et al. 2022, table 1);
+        t(sigma) is the nearest training timestep, or the fractional one with quantize=False."""
+        c_in = (1 + sigma**2).rsqrt().view(-1, 1, 1, 1)
+        eps = self.net(x * c_in, sigma_to_t(sigma, self.sigmas, quantize), cond)
+        return x - sigma.view(-1, 1, 1, 1) * eps
+
+    def sampling_sigmas(self, steps: int, spacing: str = "leading") -> Tensor:
+        """The sigmas of a `steps`-step sampler over the training schedule, ending in 0."""
+        return sigmas_for_timesteps(self.sigmas, spaced_timesteps(self.config.timesteps, steps, spacing))
+
+    def guided_denoiser(self, cfg: float = 1.0, labels: Tensor | None = None) -> Denoiser:
+        """The denoiser the samplers call: classifier-free guidance when cfg != 1, then x0 clamped to [-1, 1]."""
+        denoiser: Denoiser = self.denoise
+        if labels is not None and cfg != 1.0:
+            denoiser = classifier_free_guidance(denoiser, cfg, torch.full_like(labels, self.num_classes))
+        if not self.config.clip_denoised or self.autoencoder is not None:
+            return denoiser
+        inner = denoiser
+        return lambda x, sigma, cond: inner(x, sigma, cond).clamp(-1.0, 1.0)
+
+    def labels_for(self, n: int, cond: Any) -> Tensor | None:
+        """Labels as a (n,) long tensor: None/int/list/tensor; None on a class-conditional model cycles classes
+        in blocks (one grid row per class)."""
+        if not self.num_classes:
+            if cond is not None:
+                raise GenlabError("this model is unconditional; leave out the label")
+            return None
+        if cond is None:
+            per_row = -(-n // self.num_classes)
+            return torch.arange(n) // per_row
+        labels = torch.as_tensor(cond, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(n)
+        if labels.numel() != n:
+            raise GenlabError(f"{labels.numel()} labels for {n} samples; give one label or one per sample")
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise GenlabError(f"label out of range: this model has classes 0..{self.num_classes - 1}")
+        return labels.clone()
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Any = None, generator: Generators = None, sampler: str = "ddim",
+               steps: int = 50, cfg: float = 3.0, eta: float = 0.0, spacing: str = "leading",
+               progress: bool = False) -> Tensor:
+        """`n` images in [-1, 1]: x_T ~ N(0, I), then `sampler` over `steps` spaced timesteps with guidance `cfg`.
+
+        `generator` may be a list of n generators: image i then depends on generator i only.
+        """
+        if not 1 <= n <= MAX_SAMPLES:
+            raise GenlabError(f"n={n} is out of range; use 1..{MAX_SAMPLES}")
+        if cfg < 0:
+            raise GenlabError(f"cfg={cfg} must be >= 0 (1 = no guidance)")
+        if not 0.0 <= eta <= 1.0:
+            raise GenlabError(f"eta={eta} must be in [0, 1]")
+        fn = SAMPLERS.get(sampler)
+        extra = {}
+        if "eta" in inspect.signature(fn).parameters:
+            extra["eta"] = eta
+        elif eta:
+            raise GenlabError(f"eta applies to ddim, not to the {sampler} sampler; leave it at 0")
+        device = self.alpha_bar.device
+        labels = self.labels_for(n, cond)
+        labels = labels.to(device) if labels is not None else None
+        sigmas = self.sampling_sigmas(steps, spacing).to(device)
+        c, s = self.config.channels, self.config.image_size
+        x = randn((n, c, s, s), generator, device) * (1 + sigmas[0] ** 2).sqrt()
+        was_training = self.training
+        self.eval()
+        try:
+            out = fn(self.guided_denoiser(cfg, labels), x, sigmas, cond=labels,
+                     noise_sampler=default_noise_sampler(x, generator), progress=progress, **extra)
+        finally:
+            self.train(was_training)
+        if self.autoencoder is not None:
+            out = self.autoencoder.decode(out / self.config.latent_scale)
+        return out.clamp(-1.0, 1.0)
+
+    def write_preview(self, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
+        """A PNG grid of samples, one row per class when the model is class-conditional."""
+        n, nrow = sample_cfg.n, None
+        if self.num_classes:
+            nrow = max(1, sample_cfg.n // self.num_classes)
+            n = nrow * self.num_classes
+        x = self.sample(n, generator=generator, sampler=sample_cfg.sampler, steps=sample_cfg.steps,
+                        cfg=sample_cfg.cfg, eta=sample_cfg.eta)
+        params = {"sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg,
+                  "eta": sample_cfg.eta, "n": n, "seed": sample_cfg.seed}
+        return [save_grid(x, Path(stem).with_suffix(".png"), nrow=nrow, params=params)]

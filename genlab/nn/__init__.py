@@ -1,0 +1,1 @@
+"""Building blocks shared by model families (embeddings, attention, ResNet blocks, U-Net, transformer)."""

@@ -1,0 +1,1 @@
+"""Samplers as pure functions over a denoiser, noise schedules, and guidance."""
