@@ -240,3 +240,23 @@ def test_cli_train_prints_run_and_model_folders(tmp_path, capsys):
     assert f"run folder: {run}" in out and f"model:      {run / 'model'}" in out
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-2]
     assert last["split"] == "train" and last["step"] == 2 and math.isfinite(last["loss"])
+
+
+@pytest.mark.slow
+def test_diffusion_family_resumes_exactly(tmp_path):
+    """The real image family (a tiny U-Net DDPM): resuming from step 3 reproduces steps 4..6 bit for bit."""
+    pytest.importorskip("genlab.models.diffusion")
+    from genlab.config import load_run_config
+
+    sets = ["family=diffusion", "data.max_items=32", "model.base_channels=8", "model.channel_mults=[1,2]",
+            "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.norm_groups=4", "model.head_channels=8",
+            "train.steps=6", "train.batch_size=8", "train.ckpt_every=3", "train.warmup_steps=2", "sample.steps=4",
+            "sample.n=4", f"out_dir={tmp_path}"]
+    ref = train(load_run_config(None, [*sets, "name=ref"]))
+    run = train(load_run_config(None, [*sets, "name=run"]))
+    ckpt.quarantine(run / "checkpoints" / "step_0000006")
+    again = Trainer(load_run_config(None, [*sets, "name=run"]))
+    assert again.step == 3
+    again.fit()
+    assert_identical(final_weights(ref, 6), final_weights(run, 6))
+    assert_identical(load_file(ref / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors"))
