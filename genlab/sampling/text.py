@@ -201,18 +201,26 @@ def stream(model: Any, prompts: list[list[int]], cfg: GenerationConfig,
     tail_len = max((len(s) for s in stop_strings), default=0) + 8
     generated: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    can_stop = len(stop_ids) > 0 or bool(stop_strings)
     logits = model(ids, cache, key_mask=key_mask, positions=positions, last_only=True)[:, -1].float()
     for step in range(cfg.max_new_tokens):
-        logprobs = logits.log_softmax(-1)
         nxt = choose(process_logits(logits, cfg, seen, counts), cfg, generator)
-        is_stop = torch.isin(nxt, stop_ids)
-        active = ~(finished | is_stop)
-        nxt = nxt.masked_fill(finished, pad)
-        yield Step(nxt.masked_fill(~active, pad), logprobs.gather(-1, nxt[:, None])[:, 0], active)
-        finished = finished | is_stop
-        if stop_strings:
-            finished = finished | _hit_stop_strings(model.tokenizer, generated, nxt, active, stop_strings, tail_len)
-        if step == cfg.max_new_tokens - 1 or bool(finished.all()):
+        logprob = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
+        if not can_stop:  # every row runs to max_new_tokens: no masking
+            yield Step(nxt, logprob, active)
+        else:
+            is_stop = torch.isin(nxt, stop_ids)
+            active = ~(finished | is_stop)
+            nxt = nxt.masked_fill(~active, pad)
+            yield Step(nxt, logprob, active)
+            finished = finished | is_stop
+            if stop_strings:
+                finished = finished | _hit_stop_strings(model.tokenizer, generated, nxt, active, stop_strings,
+                                                        tail_len)
+            if bool(finished.all()):
+                return
+        if step == cfg.max_new_tokens - 1:
             return
         if seen is not None:
             seen.scatter_(1, nxt[:, None], True)
