@@ -1,0 +1,76 @@
+"""Reference features of real data, cached per dataset, split and feature network (with the n they hold)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from genlab.config import DataConfig
+from genlab.data import ImageDataset, load_dataset
+from genlab.errors import GenlabError
+from genlab.eval.features import FeatureNetwork, cache_dir, data_hash
+
+
+@dataclass
+class Reference:
+    """Features (and classifier logits) of one real split in one feature network."""
+
+    dataset: str
+    split: str
+    features: Tensor
+    logits: Tensor | None
+    network: dict[str, Any]
+    data_hash: str
+
+    @property
+    def n(self) -> int:
+        return len(self.features)
+
+    def describe(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "split": self.split, "n": self.n, "data_hash": self.data_hash[:16]}
+
+
+def load_images(data: DataConfig | str, split: str, image_size: int | None = None) -> ImageDataset:
+    """An image split as a dataset, with a one-line error for text data."""
+    cfg = DataConfig(name=data) if isinstance(data, str) else DataConfig(**asdict(data))
+    if image_size is not None:
+        cfg.image_size = image_size
+    ds = load_dataset(cfg, split=split)
+    if not isinstance(ds, ImageDataset):
+        raise GenlabError(f"dataset {cfg.name!r} is text: image metrics need an image dataset")
+    return ds
+
+
+def all_images(ds: ImageDataset) -> Tensor:
+    """Every image of a dataset as one float tensor in [-1, 1]."""
+    return ds.get_batch(torch.arange(len(ds)))["x"]
+
+
+def reference_features(fnet: FeatureNetwork, data: DataConfig | str = "mnist", split: str = "test",
+                       refresh: bool = False) -> Reference:
+    """Features of every image of a real split, computed once and cached next to the feature network."""
+    name = data if isinstance(data, str) else data.name
+    ds = load_images(data, split, image_size=fnet.meta["image_size"])
+    digest = data_hash(ds)
+    slug = Path(name).name or "data"
+    path = cache_dir() / "reference" / f"{slug}-{split}-{fnet.hash}-{digest[:16]}.safetensors"
+    if path.is_file() and not refresh:
+        try:
+            t = load_file(str(path))
+            return Reference(name, split, t["features"], t.get("logits"), fnet.describe(), digest)
+        except (SafetensorError, OSError):
+            pass  # a torn cache file: recompute it below
+    feats, logits = fnet.embed(all_images(ds), with_logits=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"features": feats} | ({"logits": logits} if logits is not None else {})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"network": json.dumps(fnet.describe()), "n": str(len(feats))})
+    tmp.replace(path)
+    return Reference(name, split, feats, logits, fnet.describe(), digest)

@@ -1,0 +1,175 @@
+"""Evaluate generated images against a real split, during training and from the CLI; JSON, Markdown and plots.
+
+Every result names the feature network and its hash, the reference split, and n real / n generated, so two
+numbers are comparable exactly when those fields agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from genlab.config import DataConfig
+from genlab.data.images import save_grid
+from genlab.errors import GenlabError
+from genlab.eval import metrics as M
+from genlab.eval.features import FeatureNetwork, get_feature_network
+from genlab.eval.reference import Reference, reference_features
+
+IMAGE_METRICS = ("fid", "kid", "is", "prc")
+ALL_METRICS = (*IMAGE_METRICS, "nll")
+
+
+def parse_metrics(spec: str | Sequence[str]) -> list[str]:
+    """'fid,kid' -> ['fid', 'kid'], checked against the known names."""
+    names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    bad = [n for n in names if n not in ALL_METRICS]
+    if bad or not names:
+        raise GenlabError(f"unknown metric {bad[0] if bad else '(none)'}; choose from {','.join(ALL_METRICS)}")
+    return names
+
+
+def metrics_from_features(ref: Reference, fake: Tensor, fake_logits: Tensor | None, metrics: Sequence[str],
+                          kid_subsets: int = 100, kid_subset_size: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The requested image metrics of generated features against a reference, with n real / n generated."""
+    out: dict[str, Any] = {"features": ref.network, "reference": ref.describe(), "n_real": ref.n, "n_fake": len(fake)}
+    if "fid" in metrics:
+        out["fid"] = M.fid(ref.features, fake)
+    if "kid" in metrics:
+        out |= M.kid(ref.features, fake, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
+    if "is" in metrics:
+        if fake_logits is None:
+            raise GenlabError(f"the Inception-style score needs a classifier; {ref.dataset!r} has no labels")
+        out |= M.inception_score(fake_logits, splits=min(10, len(fake_logits)), seed=seed)
+    if "prc" in metrics:
+        out |= M.precision_recall(ref.features, fake) | M.density_coverage(ref.features, fake)
+    return out
+
+
+def evaluate_images(images: Tensor, data: DataConfig | str = "mnist", split: str = "test",
+                    metrics: Sequence[str] = ("fid", "kid", "prc"), fnet: FeatureNetwork | None = None,
+                    **kw: Any) -> dict[str, Any]:
+    """FID / KID / IS / precision-recall of images in [-1, 1] against a real split, in genlab's feature network."""
+    fnet = fnet or get_feature_network(data)
+    ref = reference_features(fnet, data, split)
+    feats, logits = fnet.embed(images, with_logits="is" in metrics)
+    return metrics_from_features(ref, feats, logits, metrics, **kw)
+
+
+def sample_images(sample: Callable[..., Tensor], n: int, seed: int, batch_size: int = 250,
+                  cond: Tensor | None = None, progress: bool = False, **opts: Any) -> Tensor:
+    """Draw `n` images with `sample(count, cond=..., generator=[...], **opts)`; image i uses the seed `seed + i`."""
+    from tqdm.auto import tqdm
+
+    out = []
+    for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress):
+        count = min(batch_size, n - start)
+        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+        c = cond[start : start + count] if cond is not None else None
+        out.append(sample(count, cond=c, generator=gens, **opts).cpu())
+    return torch.cat(out)
+
+
+def make_training_evaluator(data: DataConfig | str, n: int = 500, split: str = "test", seed: int = 0,
+                            metrics: Sequence[str] = ("kid", "fid"), **sample_opts: Any
+                            ) -> Callable[[Any, int], dict[str, float]]:
+    """`fn(model, step) -> {"kid": ..., "kid_se": ..., "fid": ..., "n_fake": n, ...}` on the same `n` seeds each call.
+
+    KID is the metric to watch at small n (unbiased); FID is logged too but is biased upwards at small n.
+    The feature network and reference features are prepared once, here.
+    """
+    fnet = get_feature_network(data, progress=True)
+    ref = reference_features(fnet, data, split)
+    subset = min(n, ref.n, 1000)
+
+    def evaluate(model: Any, step: int) -> dict[str, float]:
+        was_training = getattr(model, "training", False)
+        if hasattr(model, "eval"):
+            model.eval()
+        try:
+            with torch.no_grad():
+                x = sample_images(model.sample, n, seed, **sample_opts)
+        finally:
+            if was_training:
+                model.train()
+        feats, logits = fnet.embed(x, with_logits="is" in metrics)
+        r = metrics_from_features(ref, feats, logits, metrics, kid_subsets=50, kid_subset_size=subset, seed=seed)
+        return {k: float(v) for k, v in r.items() if isinstance(v, int | float)}
+
+    return evaluate
+
+
+def plot_eval_metrics(metrics_path: str | Path, out: str | Path, keys: Sequence[str] = ("kid", "fid")) -> Path | None:
+    """Plot the evaluation metrics of a run's `metrics.jsonl` against the step (KID with its standard error)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    series = {k: [(r["step"], r[k], r.get(f"{k}_se")) for r in rows if k in r and "step" in r] for k in keys}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
+    for ax, (k, pts) in zip(axes[0], series.items()):
+        steps, vals, ses = zip(*pts)
+        ax.plot(steps, vals, marker="o", ms=3)
+        if all(s is not None and math.isfinite(s) for s in ses):
+            ax.fill_between(steps, [v - s for v, s in zip(vals, ses)], [v + s for v, s in zip(vals, ses)], alpha=0.3)
+        n = next((r.get("n_fake") for r in rows if k in r), None)
+        ax.set(xlabel="step", ylabel=k.upper(), title=f"{k.upper()} (n={n})" if n else k.upper())
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def write_report(result: dict[str, Any], out_dir: str | Path, images: Tensor | None = None,
+                 nrow: int | None = None) -> dict[str, Path]:
+    """Write `eval.json`, `eval.md` and (given images) `samples.png` into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "eval.json", "md": out_dir / "eval.md"}
+    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"# Evaluation of {result.get('model', 'samples')}", ""]
+    f = result.get("features")
+    if f:
+        acc = f.get("test_accuracy")
+        lines += [f"Features: `{f['name']}` (hash `{f['hash']}`, {f['feature_dim']}-d"
+                  + (f", test accuracy {acc:.2%})" if acc is not None else ")"), ""]
+    ref = result.get("reference")
+    if ref:
+        lines += [f"Reference: {ref['dataset']} {ref['split']} split, n_real = {ref['n']}; "
+                  f"n_generated = {result.get('n_fake')}", ""]
+    if result.get("sampling"):
+        lines += ["Sampling: " + ", ".join(f"{k}={v}" for k, v in result["sampling"].items()), ""]
+    rows = [("FID", "fid", None), ("KID", "kid", "kid_se"), ("Inception-style score", "is", "is_std"),
+            ("precision (k=3)", "precision", None), ("recall (k=3)", "recall", None),
+            ("density (k=5)", "density", None), ("coverage (k=5)", "coverage", None),
+            ("NLL (bits/dim)", "bits_per_dim", "bits_per_dim_se")]
+    table = [(label, result[k], result.get(err)) for label, k, err in rows if k in result]
+    if table:
+        lines += ["| metric | value | ± |", "|---|---|---|"]
+        lines += [f"| {label} | {_fmt(v)} | {_fmt(e) if e is not None else ''} |" for label, v, e in table]
+        lines += ["", "KID ± is its standard error; IS ± is the std over splits."]
+    if images is not None:
+        paths["grid"] = save_grid(images, out_dir / "samples.png", nrow=nrow)
+        lines += ["", "![samples](samples.png)"]
+    paths["md"].write_text("\n".join(lines) + "\n")
+    return paths
