@@ -21,6 +21,7 @@ COMMANDS = {
     "generate": "generate text with a language model (sampling, beam search, speculative, streaming)",
     "export": "export a language model to the Hugging Face format",
     "sample": "draw images from a diffusion model (DDIM, DDPM, classifier-free guidance) into PNGs",
+    "eval": "measure a model (FID, KID, IS, precision/recall, bits/dim) or train a dataset's feature network",
 }
 
 
