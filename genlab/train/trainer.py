@@ -214,6 +214,7 @@ class Trainer:
         self.interrupted = False
         self._stop_requested = False
         self._last_plot = time.monotonic()
+        self._saved_step = -1
 
         if not self._start(resume):
             set_seed(t.seed + 1_000_003 * self.rank)  # distinct noise on each process from here on
@@ -277,7 +278,7 @@ class Trainer:
             sched.load_state_dict(s)
         if self.accelerator.scaler is not None and "scaler" in state:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
+        self.step = self._saved_step = int(state["step"])
         self.elapsed_before = float(state["elapsed"])
         self.order = DataOrder(len(self.data), self.cfg.train.seed, int(state["epoch"]), int(state["index"]))
         rngs = state["rng"]
@@ -404,13 +405,13 @@ class Trainer:
         if self.step < t.steps:
             reason = "interrupted" if interrupted else f"time limit of {t.max_minutes} minutes reached"
             self.log(f"{reason} at step {self.step}/{t.steps}: saving a checkpoint; run the same command to resume")
-        last = list_checkpoints(self.ckpt_root)
-        if not last or last[-1][0] != self.step:
+        if self._saved_step != self.step:
             self.save()
-        if not (t.sample_every and self.step % t.sample_every == 0):
-            self._preview()
-        if not (t.eval_every and self.step % t.eval_every == 0):
-            self._validate()
+        if not self.interrupted:  # a final preview and validation, unless they just ran
+            if not (t.sample_every and self.step % t.sample_every == 0):
+                self._preview()
+            if not (t.eval_every and self.step % t.eval_every == 0):
+                self._validate()
         self.export()
         return self.run_dir / "model"
 
@@ -499,6 +500,7 @@ class Trainer:
             if time.monotonic() - self._last_plot > 60:  # refresh the loss plot at most once a minute
                 plot_losses(self.metrics_path, self.samples_dir / "loss.png")
                 self._last_plot = time.monotonic()
+        self._saved_step = self.step
         self.accelerator.wait_for_everyone()
         return path
 
