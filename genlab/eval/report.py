@@ -31,7 +31,7 @@ def parse_metrics(spec: str | Sequence[str]) -> list[str]:
     names = [s.strip().lower() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     bad = [n for n in names if n not in ALL_METRICS]
     if bad or not names:
-        raise GenlabError(f"unknown metric {bad[0] if bad else '(none)'}; choose from {','.join(ALL_METRICS)}")
+        raise GenlabError(f"unknown metric {bad[0] if bad else '(none)'!r}; choose from {','.join(ALL_METRICS)}")
     return names
 
 

@@ -1,0 +1,135 @@
+"""`genlab eval`, reports, the training evaluator and the metrics plot, on a tiny feature network and model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from genlab.cli import main
+from genlab.errors import GenlabError
+from genlab.eval import features as F
+from genlab.eval import metrics as M
+from genlab.eval import report as R
+
+
+@pytest.fixture(scope="module")
+def _trained_tiny_fnet():
+    from genlab.data import load_dataset
+
+    ds = load_dataset("mnist").subset(256)
+    recipe = F.FeatureRecipe(width=4, feature_dim=16, epochs=1, batch_size=64)
+    net, meta = F.train_feature_network(ds, ds, recipe, "classifier", progress=False)
+    meta.update(hash="tiny0000", dataset="mnist", recipe=vars(recipe), recipe_version=F.RECIPE_VERSION)
+    return F.FeatureNetwork(net, meta)
+
+
+@pytest.fixture
+def tiny_fnet(_trained_tiny_fnet, tmp_path, monkeypatch):
+    """A 1-epoch feature network on 256 MNIST digits, standing in for the cached MNIST network."""
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(R, "get_feature_network", lambda *a, **k: _trained_tiny_fnet)
+    return _trained_tiny_fnet
+
+
+def test_evaluate_images_records_features_hash_and_sample_sizes(tiny_fnet):
+    fake = torch.rand(120, 1, 28, 28) * 2 - 1
+    r = R.evaluate_images(fake, "mnist", "test", metrics=("fid", "kid", "is", "prc"), fnet=tiny_fnet, kid_subsets=5)
+    assert r["features"]["hash"] == "tiny0000" and r["features"]["name"] == "genlab-classifier-mnist"
+    assert r["n_fake"] == 120 and r["n_real"] == 2000 and r["reference"]["split"] == "test"
+    assert r["kid_subset_size"] == 120
+
+
+def test_reference_features_are_cached_and_identical(tiny_fnet, tmp_path):
+    from genlab.eval.reference import reference_features
+
+    a = reference_features(tiny_fnet, "mnist", "test")
+    files = list((tmp_path / "cache" / "reference").glob("*.safetensors"))
+    assert len(files) == 1 and "tiny0000" in files[0].name
+    b = reference_features(tiny_fnet, "mnist", "test")
+    torch.testing.assert_close(a.features, b.features, rtol=0, atol=0)
+    assert a.n == 2000 and a.logits.shape == (2000, 10)
+
+
+def test_training_evaluator_is_deterministic_and_plots(tiny_fnet, tmp_path):
+    class Noise:
+        def sample(self, n, cond=None, generator=None, **opts):
+            return torch.stack([torch.rand(1, 28, 28, generator=g) for g in generator]) * 2 - 1
+
+    evaluate = R.make_training_evaluator("mnist", n=64)
+    a, b = evaluate(Noise(), 10), evaluate(Noise(), 20)
+    assert a == b and {"kid", "kid_se", "fid", "n_fake", "n_real"} <= set(a) and a["n_fake"] == 64
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps({"step": s, "split": "val", **a}) for s in (10, 20)) + "\n")
+    png = R.plot_eval_metrics(path, tmp_path / "samples" / "eval_metrics.png")
+    assert png is not None and png.stat().st_size > 1000
+
+
+def test_metrics_from_features_agree_with_the_metric_functions(tiny_fnet):
+    from genlab.eval.reference import reference_features
+
+    ref = reference_features(tiny_fnet, "mnist", "test")
+    fake = ref.features[:300] + 0.1
+    r = R.metrics_from_features(ref, fake, None, ("fid", "kid", "prc"), kid_subsets=3, seed=1)
+    assert r["fid"] == M.fid(ref.features, fake)
+    assert r["kid"] == M.kid(ref.features, fake, subsets=3, seed=1)["kid"]
+    assert r["precision"] == M.precision_recall(ref.features, fake)["precision"]
+
+
+def test_parse_metrics_rejects_unknown_names():
+    assert R.parse_metrics("fid, KID") == ["fid", "kid"]
+    with pytest.raises(GenlabError, match="unknown metric 'fdi'"):
+        R.parse_metrics("fid,fdi")
+
+
+def _tiny_diffusion(tmp_path):
+    from genlab.models.diffusion import DiffusionConfig, DiffusionModel
+
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(image_size=28, channels=1, num_classes=10, base_channels=8, channel_mults=(1,),
+                          num_res_blocks=1, attention_resolutions=(), timesteps=20, norm_groups=4, head_channels=8)
+    return DiffusionModel(cfg).save_pretrained(tmp_path / "model")
+
+
+def test_cli_eval_writes_json_markdown_and_grid(tiny_fnet, tmp_path, monkeypatch, capsys):
+    import genlab.eval.features
+
+    monkeypatch.setattr(genlab.eval.features, "get_feature_network", lambda *a, **k: tiny_fnet)
+    model_dir = _tiny_diffusion(tmp_path)
+    out = tmp_path / "ev"
+    rc = main(["eval", str(model_dir), "--data", "mnist", "--metrics", "kid,fid,nll", "--n", "20", "--steps", "2",
+               "--kid-subsets", "3", "--nll-n", "3", "--nll-t-samples", "1", "--out", str(out)])
+    assert rc == 0
+    r = json.loads((out / "eval.json").read_text())
+    assert r["n_fake"] == 20 and r["n_real"] == 2000 and r["features"]["hash"] == "tiny0000"
+    assert r["sampling"]["sampler"] == "ddim" and r["nll_n"] == 3 and r["bits_per_dim"] > 0
+    md = (out / "eval.md").read_text()
+    assert "tiny0000" in md and "n_real = 2000" in md and (out / "samples.png").is_file()
+
+
+def test_cli_eval_without_data_is_a_one_line_error(tmp_path, capsys):
+    model_dir = _tiny_diffusion(tmp_path)
+    assert main(["eval", str(model_dir), "--metrics", "kid"]) == 2
+    assert "pass --data NAME" in capsys.readouterr().err
+
+
+def test_feature_network_for_unlabelled_images_is_contrastive(tmp_path, monkeypatch):
+    """An image folder without labels gets a SimCLR encoder; its features separate two obviously different sets."""
+    from PIL import Image
+
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(64):
+        a = np.zeros((8, 8, 3), np.uint8)
+        a[:, : 4 if i % 2 else 8] = rng.integers(100, 255)
+        Image.fromarray(a).save(folder / f"{i}.png")
+    monkeypatch.setattr(F, "default_recipe", lambda name, labelled: F.FeatureRecipe(
+        width=4, feature_dim=8, epochs=2, batch_size=32, max_shift=1))
+    fnet = F.get_feature_network(str(folder), progress=False)
+    assert fnet.meta["kind"] == "contrastive" and fnet.test_accuracy is None
+    again = F.get_feature_network(str(folder), progress=False)  # from the cache
+    assert again.hash == fnet.hash
