@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -230,6 +231,20 @@ def test_cli_unknown_key_fails_before_any_work(tmp_path, capsys, override, named
     err = capsys.readouterr().err
     assert rc == 2 and named in err and choices in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.lr_schedule=cosin", "train.lr_schedule 'cosin' is unknown; choose one of: cosine, constant"),
+    ("train.mixed_precision=fp8", "train.mixed_precision 'fp8' is unknown"),
+    ("train.batch_size=6", "train.batch_size=6 must be divisible by grad_accum x processes = 4 x 1"),
+    ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
+    ("train.steps=0", "train.steps must be at least 1"),
+])
+def test_bad_train_values_fail_before_any_work(tmp_path, override, message):
+    cfg = toy_family.toy_config(tmp_path, "train.grad_accum=4", override)
+    with pytest.raises(GenlabError, match=re.escape(message)):
+        Trainer(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_train_prints_run_and_model_folders(tmp_path, capsys):

@@ -51,7 +51,7 @@ from genlab.train.checkpoint import (
     set_rng_state,
 )
 from genlab.train.ema import EMA
-from genlab.train.schedule import make_schedulers
+from genlab.train.schedule import SCHEDULES, make_schedulers
 
 PRECISIONS = ("auto", "no", "bf16", "fp16")
 # config keys that may change when a run is resumed: they steer bookkeeping, not the optimization
@@ -146,6 +146,8 @@ def _check_train_config(t: Any) -> None:
         raise GenlabError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
     if not 0.0 <= t.min_lr_ratio <= 1.0:
         raise GenlabError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    if t.lr_schedule not in SCHEDULES:
+        raise GenlabError(f"train.lr_schedule {t.lr_schedule!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
     if t.mixed_precision not in PRECISIONS:
         raise GenlabError(f"train.mixed_precision {t.mixed_precision!r} is unknown; choose one of: "
                           f"{', '.join(PRECISIONS)}")
