@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -107,6 +108,8 @@ def test_two_processes_agree_and_see_distinct_items(tmp_path):
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(r0["weights"][k], v, rtol=0, atol=5e-5)
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4] and (run / "model").is_dir()
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [2, 4, 4]  # written once (rank 0 only): train lines at 2 and 4, the final validation
 
 
 @pytest.mark.slow
