@@ -38,6 +38,7 @@ class AutoencoderConfig(ModelConfig):
     channels: int = 0  # 0: take from the data
     base_channels: int = 32
     channel_mults: tuple[int, ...] = (1, 2, 2)  # one level per entry; each level after the first halves the side
+    patchify: int = 1  # space-to-depth factor before the first conv (and depth-to-space after the last): cheap 4x
     num_res_blocks: int = 1
     attention: bool = False  # self-attention in the middle of encoder and decoder
     norm_groups: int = 8
@@ -54,10 +55,13 @@ def _check(cfg: AutoencoderConfig) -> None:
         raise GenlabError(f"model.reconstruction={cfg.reconstruction!r} is unknown; choose l1 or l2")
     if not cfg.channel_mults or min(cfg.channel_mults) < 1 or cfg.base_channels < 1 or cfg.num_res_blocks < 1:
         raise GenlabError("model.base_channels, model.channel_mults and model.num_res_blocks must be positive")
-    factor = 2 ** (len(cfg.channel_mults) - 1)
+    if cfg.patchify < 1:
+        raise GenlabError(f"model.patchify={cfg.patchify} must be at least 1")
+    factor = cfg.patchify * 2 ** (len(cfg.channel_mults) - 1)
     if cfg.image_size % factor:
         raise GenlabError(f"model.image_size={cfg.image_size} must be divisible by the downsampling factor {factor} "
-                          f"(2 ^ (len(model.channel_mults) - 1)); change data.image_size or model.channel_mults")
+                          f"(model.patchify x 2 ^ (len(model.channel_mults) - 1)); change data.image_size, "
+                          "model.patchify or model.channel_mults")
     for width in {cfg.base_channels * m for m in cfg.channel_mults}:
         if width % cfg.norm_groups:
             raise GenlabError(f"channel width {width} (base_channels x channel_mults) must be divisible by "
@@ -93,7 +97,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig) -> None:
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mults]
-        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, widths[0], 3, padding=1)]
+        p = cfg.patchify
+        layers: list[nn.Module] = [nn.PixelUnshuffle(p), nn.Conv2d(cfg.channels * p * p, widths[0], 3, padding=1)]
         ch = widths[0]
         for level, width in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
@@ -129,8 +134,9 @@ class Decoder(nn.Module):
             self.levels.append(nn.Sequential(*blocks))
             if level < len(widths) - 1:
                 self.upsample.append(Upsample(ch))
+        p = cfg.patchify
         self.out = nn.Sequential(nn.GroupNorm(cfg.norm_groups, ch), nn.SiLU(),
-                                 nn.Conv2d(ch, cfg.channels, 3, padding=1))
+                                 nn.Conv2d(ch, cfg.channels * p * p, 3, padding=1), nn.PixelShuffle(p))
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.middle(self.conv_in(z))
@@ -164,7 +170,7 @@ class AutoencoderKL(GenerativeModel):
     @property
     def downsampling(self) -> int:
         """The side ratio f between images and latents."""
-        return 2 ** (len(self.config.channel_mults) - 1)
+        return self.config.patchify * 2 ** (len(self.config.channel_mults) - 1)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
