@@ -48,8 +48,8 @@ def test_reparameterization_draws_from_the_posterior():
 
 
 def test_shapes_and_downsampling():
-    for mults, side in [((1, 2), 8), ((1, 2, 2), 4), ((1, 1, 2, 2), 2)]:
-        ae = tiny(channel_mults=mults)
+    for mults, patchify, side in [((1, 2), 1, 8), ((1, 2, 2), 1, 4), ((1, 1, 2, 2), 1, 2), ((1, 2), 2, 4)]:
+        ae = tiny(channel_mults=mults, patchify=patchify)
         assert ae.latent_shape == (2, side, side)
         mean, logvar = ae.encode(torch.randn(3, 3, 16, 16))
         assert mean.shape == logvar.shape == (3, 2, side, side)
