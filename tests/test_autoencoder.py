@@ -3,6 +3,8 @@ latent scaling, shapes, and a short run through the trainer."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from scipy import stats
@@ -126,3 +128,29 @@ def test_trains_with_the_trainer_and_round_trips(tmp_path):
     assert s.shape == (3, 3, 16, 16) and s.abs().max() <= 1
     with pytest.raises(GenlabError, match="unconditional"):
         model.sample(2, cond=1)
+
+
+def test_patch_discriminator_joins_after_disc_start(tmp_path):
+    """With disc_weight > 0 the family steps two optimizers: reconstruction alone for disc_start steps, then the
+    generator term -E[D(x_hat)] and the discriminator's hinge loss (checked against its formula)."""
+    from genlab.nn.discriminator import hinge_d_loss
+
+    logits_real, logits_fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    ref = 0.5 * (torch.tensor([0.0, 0.5, 2.0]).mean() + torch.tensor([0.0, 1.0, 2.0]).mean())
+    torch.testing.assert_close(hinge_d_loss(logits_real, logits_fake), ref)
+
+    cfg = RunConfig(name="vaegan", family="autoencoder_kl", out_dir=str(tmp_path),
+                    data=DataConfig(name="twemoji", image_size=16, max_items=8),
+                    model={"base_channels": 8, "channel_mults": [1, 2], "norm_groups": 4, "z_channels": 2,
+                           "disc_weight": 0.5, "disc_start": 1, "disc_channels": 8},
+                    train=TrainConfig(steps=3, batch_size=4, warmup_steps=1, log_every=1, ema_decay=0.0))
+    run_dir = train(cfg)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["split"] == "train"]
+    assert "d_loss" not in train_recs[0] and "g_loss" not in train_recs[0]
+    assert all("d_loss" in r and "g_loss" in r for r in train_recs[1:])
+    model = GenerativeModel.from_pretrained(run_dir / "model")
+    assert model.discriminator is not None and int(model.steps_done) == 3
+    torch.manual_seed(cfg.train.seed)  # the trainer's initial weights
+    untrained = AutoencoderKL(model.config)
+    assert not torch.equal(model.discriminator.net[0].weight, untrained.discriminator.net[0].weight)

@@ -3,9 +3,10 @@
 An encoder maps an image to a diagonal Gaussian posterior q(z|x) = N(mean, exp(logvar)) over a latent of
 `z_channels` x (image_size / 2^(levels - 1))^2; a latent is drawn with the reparameterization trick
 (Kingma & Welling 2014, eq. 10) and decoded back. The loss is a pixel reconstruction error (L1 or L2) plus a
-small KL(q(z|x) || N(0, I)) (Kingma & Welling 2014, app. B); the patch discriminator of Esser et al. 2021 is
-not part of this family. Latent diffusion divides latents by their standard deviation on the training data
-(`latent_scaling_factor`, Rombach et al. 2022, app. G "scale factor").
+small KL(q(z|x) || N(0, I)) (Kingma & Welling 2014, app. B), and optionally an adversarial term from a patch
+discriminator (Esser et al. 2021, eq. 5, with a fixed weight instead of the adaptive one), trained as a second
+optimizer by the family's own `train_step`. Latent diffusion divides latents by their standard deviation on the
+training data (`latent_scaling_factor`, Rombach et al. 2022, app. G "scale factor").
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from genlab.data.images import save_grid
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel, ModelConfig
 from genlab.nn.attention import SelfAttention2d
+from genlab.nn.discriminator import PatchDiscriminator, hinge_d_loss
 from genlab.nn.resnet import Downsample, Upsample
 from genlab.registry import MODELS
 
@@ -46,6 +48,10 @@ class AutoencoderConfig(ModelConfig):
     reconstruction: str = "l1"  # l1 | l2
     kl_weight: float = 1e-4  # weight of the KL (nats per latent element) against the per-pixel reconstruction
     decoder_scale: float = 0.1  # scale of the Laplace (l1) / Gaussian (l2) decoder used by log_likelihood
+    disc_weight: float = 0.0  # 0: no discriminator; else the weight of the generator's -E[D(x_hat)] term
+    disc_start: int = 0  # optimizer steps of reconstruction alone before the discriminator joins
+    disc_channels: int = 32
+    disc_layers: int = 2
 
 
 def _check(cfg: AutoencoderConfig) -> None:
@@ -68,6 +74,9 @@ def _check(cfg: AutoencoderConfig) -> None:
                               f"model.norm_groups={cfg.norm_groups}")
     if cfg.z_channels < 1 or cfg.kl_weight < 0 or cfg.decoder_scale <= 0:
         raise GenlabError("model.z_channels must be >= 1, model.kl_weight >= 0 and model.decoder_scale > 0")
+    if cfg.disc_weight < 0 or cfg.disc_start < 0 or cfg.disc_layers < 1 or cfg.disc_channels % cfg.norm_groups:
+        raise GenlabError("model.disc_weight and model.disc_start must be >= 0, model.disc_layers >= 1 and "
+                          f"model.disc_channels a multiple of model.norm_groups={cfg.norm_groups}")
 
 
 class ResnetBlock(nn.Module):
@@ -166,6 +175,12 @@ class AutoencoderKL(GenerativeModel):
         _check(config)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
+        self.discriminator: PatchDiscriminator | None = None
+        if config.disc_weight > 0:
+            self.discriminator = PatchDiscriminator(config.channels, config.disc_channels, config.disc_layers,
+                                                    config.norm_groups)
+            self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # checkpointed with the weights
+            self.train_step = self._adversarial_step  # two optimizers: the trainer calls the family's own step
 
     @property
     def downsampling(self) -> int:
@@ -212,14 +227,55 @@ class AutoencoderKL(GenerativeModel):
         return err.flatten(1).mean(1)
 
     # -- training -----------------------------------------------------------------------------
-    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """loss = mean |x - D(z)| (or squared) + kl_weight * mean KL per latent element, z ~ q(z|x)."""
+    def training_losses(self, batch: dict[str, Any], part: str = "autoencoder") -> dict[str, Tensor]:
+        """loss = mean |x - D(z)| (or squared) + kl_weight * mean KL per latent element, z ~ q(z|x)
+        (+ disc_weight * -E[logits of D(x_hat)] once the discriminator is on); with part="discriminator", the
+        hinge loss of the patch discriminator on `batch["x"]` against `batch["x_hat"]`."""
         x = batch["x"]
+        if part == "discriminator":
+            d_loss = hinge_d_loss(self.discriminator(x), self.discriminator(batch["x_hat"]))
+            return {"loss": d_loss}
         mean, logvar = self.encode(x)
         x_hat = self.decode(self.reparameterize(mean, logvar))
         rec = self._reconstruction(x, x_hat).mean()
         kl = kl_standard_normal(mean, logvar).mean()
-        return {"loss": rec + self.config.kl_weight * kl, "rec": rec.detach(), "kl": kl.detach()}
+        out = {"loss": rec + self.config.kl_weight * kl, "rec": rec.detach(), "kl": kl.detach()}
+        if self._adversarial_on():
+            g_loss = -self.discriminator(x_hat).mean()
+            out.update(loss=out["loss"] + self.config.disc_weight * g_loss, g_loss=g_loss.detach(),
+                       x_hat=x_hat.detach())
+        return out
+
+    def _adversarial_on(self) -> bool:
+        return self.discriminator is not None and int(self.steps_done) >= self.config.disc_start
+
+    def configure_optimizers(self, train_cfg: Any) -> list[torch.optim.Optimizer]:
+        """One AdamW for encoder + decoder; with a discriminator, a second one for it."""
+        if self.discriminator is None:
+            return super().configure_optimizers(train_cfg)
+        ae = [*self.encoder.parameters(), *self.decoder.parameters()]
+        kw = dict(lr=train_cfg.lr, betas=tuple(train_cfg.betas), weight_decay=train_cfg.weight_decay)
+        return [torch.optim.AdamW(ae, **kw), torch.optim.AdamW(self.discriminator.parameters(), **kw)]
+
+    def _adversarial_step(self, batch: dict[str, Any], optimizers: list[Any], accelerator: Any, objective: Any
+                          ) -> dict[str, Tensor]:
+        """One step of the autoencoder on its loss, then (once on) one of the discriminator on the hinge loss
+        against the fresh reconstructions (Esser et al. 2021, sec. 3.1). The whole batch goes in one pass
+        (train.grad_accum is not split) and gradients are not clipped."""
+        opt_ae, opt_d = optimizers
+        losses = objective(batch)
+        opt_ae.zero_grad(set_to_none=True)
+        accelerator.backward(losses["loss"])
+        opt_ae.step()
+        out = {k: v.detach() for k, v in losses.items() if v.numel() == 1}
+        if "x_hat" in losses:
+            d = objective({"x": batch["x"], "x_hat": losses["x_hat"]}, part="discriminator")
+            opt_d.zero_grad(set_to_none=True)
+            accelerator.backward(d["loss"])
+            opt_d.step()
+            out["d_loss"] = d["loss"].detach()
+        self.steps_done += 1
+        return out
 
     @torch.no_grad()
     def reconstruct(self, x: Tensor) -> Tensor:
