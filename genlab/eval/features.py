@@ -32,7 +32,7 @@ from genlab.errors import GenlabError
 from genlab.models.base import load_weights
 
 # bump when the network, the training loop or the preprocessing changes: it invalidates every cached network
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 @dataclass
@@ -77,12 +77,21 @@ class ConvNet(nn.Module):
         side = image_size // 4
         self.fc = nn.Linear(2 * width * side * side, feature_dim)
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3), nn.Linear(feature_dim, num_outputs))
+        # set after training: features are centred and scaled to unit mean variance on the train split
+        self.register_buffer("feature_mean", torch.zeros(feature_dim))
+        self.register_buffer("feature_std", torch.ones(()))
 
-    def features(self, x: Tensor) -> Tensor:
+    def raw_features(self, x: Tensor) -> Tensor:
         return self.fc(self.trunk(x))
 
+    def features(self, x: Tensor) -> Tensor:
+        return (self.raw_features(x) - self.feature_mean) / self.feature_std
+
+    def logits_from_features(self, f: Tensor) -> Tensor:
+        return self.head(f * self.feature_std + self.feature_mean)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.features(x))
+        return self.head(self.raw_features(x))
 
 
 class FeatureNetwork(nn.Module):
@@ -155,7 +164,7 @@ class FeatureNetwork(nn.Module):
             h = self.net.features(self.preprocess(images[i : i + batch_size]))
             feats.append(h.float().cpu())
             if with_logits and self.meta["kind"] == "classifier":
-                logits.append(self.net.head(h).float().cpu())
+                logits.append(self.net.logits_from_features(h).float().cpu())
         f = torch.cat(feats) if feats else torch.zeros(0, self.num_features)
         return f, (torch.cat(logits) if logits else None)
 
@@ -291,6 +300,16 @@ def accuracy(net: ConvNet, ds: ImageDataset, batch_size: int = 1000) -> float:
     return correct / len(ds)
 
 
+@torch.no_grad()
+def set_feature_normalization(net: ConvNet, train: ImageDataset, batch_size: int = 1000) -> None:
+    """Centre the features on the train split and scale them to unit mean variance (one scalar, so the geometry
+    FID and KID see is kept while their magnitudes become comparable across datasets)."""
+    raw = torch.cat([net.raw_features(train.get_batch(torch.arange(i, min(i + batch_size, len(train))))["x"])
+                     for i in range(0, len(train), batch_size)]).double()
+    net.feature_mean.copy_(raw.mean(0).float())
+    net.feature_std.copy_(raw.var(0).mean().sqrt().float())
+
+
 def train_feature_network(train: ImageDataset, test: ImageDataset | None, recipe: FeatureRecipe, kind: str,
                           progress: bool = True) -> tuple[ConvNet, dict[str, Any]]:
     """Train a classifier (cross entropy) or a contrastive encoder (NT-Xent) with AdamW + one-cycle LR."""
@@ -325,6 +344,7 @@ def train_feature_network(train: ImageDataset, test: ImageDataset | None, recipe
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     net.eval()
+    set_feature_normalization(net, train)
     meta: dict[str, Any] = {
         "kind": kind, "channels": c, "image_size": size, "num_outputs": num_outputs,
         "feature_dim": recipe.feature_dim, "train_size": len(train), "train_seconds": round(time.time() - t0, 1),
