@@ -49,7 +49,7 @@ class TrainConfig:
     grad_accum: int = 1
     ema_decay: float = 0.999
     ema_warmup: bool = True
-    mixed_precision: str = "auto"  # auto (bf16 on GPU, none on CPU) | no | bf16 | fp16
+    mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0
     log_every: int = 25
     sample_every: int = 0  # 0: only at the end

@@ -53,7 +53,7 @@ from genlab.train.checkpoint import (
 from genlab.train.ema import EMA
 from genlab.train.schedule import SCHEDULES, make_schedulers
 
-PRECISIONS = ("auto", "no", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # config keys that may change when a run is resumed: they steer bookkeeping, not the optimization
 RESUME_MAY_CHANGE = ("name", "out_dir", "train.max_minutes", "train.log_every", "train.sample_every",
                      "train.eval_every", "train.ckpt_every", "train.keep_last", "sample.")
@@ -175,13 +175,13 @@ class Trainer:
         self.t_start = time.monotonic()
 
         cuda = torch.cuda.is_available()
-        precision = ("bf16" if cuda else "no") if t.mixed_precision == "auto" else t.mixed_precision
+        precision = ("bf16" if cuda else "fp32") if t.mixed_precision == "auto" else t.mixed_precision
         if precision == "fp16" and not cuda:
-            raise GenlabError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or no on CPU")
+            raise GenlabError("train.mixed_precision=fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
         # accelerate forms a (gloo) process group on CPU only when told cpu=True
         multi_cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = acc = Accelerator(
-            mixed_precision=precision, cpu=multi_cpu,
+            mixed_precision="no" if precision == "fp32" else precision, cpu=multi_cpu,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         self.world, self.rank = acc.num_processes, acc.process_index
