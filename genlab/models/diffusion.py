@@ -21,11 +21,27 @@ from genlab.data.images import save_grid
 from genlab.errors import GenlabError
 from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL, encode_dataset, latent_scaling_factor
 from genlab.models.base import GenerativeModel, ModelConfig
+from genlab.models.parameterization import (
+    PRECONDITIONINGS,
+    PREDICTIONS,
+    denoised,
+    edm_loss_weight,
+    edm_scalings,
+    edm_training_sigmas,
+    min_snr_weight,
+    vp_scalings,
+    vp_target,
+)
 from genlab.registry import BACKBONES, MODELS, SAMPLERS
 from genlab.sampling.diffusion import Denoiser, Generators, classifier_free_guidance, default_noise_sampler, randn
 from genlab.sampling.schedules import (
+    BETA_SCHEDULES,
+    ZERO_SNR_ALPHA_BAR,
     alpha_bar_from_betas,
+    alpha_bar_from_sigma,
+    karras_sigmas,
     make_betas,
+    rescale_zero_terminal_snr,
     sigma_from_alpha_bar,
     sigma_to_t,
     sigmas_for_timesteps,
@@ -34,7 +50,7 @@ from genlab.sampling.schedules import (
 from genlab.train.checkpoint import resolve_model_dir
 
 MAX_SAMPLES = 10_000
-LATENT_SCALE_ITEMS = 1024  # training items whose latents set the latent scale
+LATENT_SCALE_ITEMS = 256  # training items whose latents set the latent scale (262k numbers at 16x16x4)
 
 
 @dataclass
@@ -54,11 +70,19 @@ class DiffusionConfig(ModelConfig):
     norm_groups: int = 8
     dropout: float = 0.0
     cond_drop: float = 0.1  # rate at which training labels become the null class (for guidance)
-    schedule: str = "linear"  # linear | cosine
-    timesteps: int = 1000
+    schedule: str = "linear"  # linear | cosine | sigmoid (vp)
+    timesteps: int = 1000  # vp: training steps; edm: size of the sigma table that step spacings index
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    prediction: str = "eps"
+    zero_terminal_snr: bool = False  # rescale the vp schedule to alpha_bar_T = 0 (Lin et al. 2024); needs v or x0
+    prediction: str = "eps"  # eps | v | x0 (vp); edm has its own output scaling
+    preconditioning: str = "vp"  # vp: discrete timesteps; edm: continuous sigma (Karras et al. 2022)
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023, e.g. 5); vp only
+    sigma_data: float = 0.5  # edm
+    P_mean: float = -1.2  # edm: ln(sigma) ~ N(P_mean, P_std^2) in training
+    P_std: float = 1.2
+    sigma_min: float = 0.002  # edm: the sampling range
+    sigma_max: float = 80.0
     clip_denoised: bool = True  # clamp the predicted x0 to [-1, 1] while sampling (pixel space only)
     # DiT backbone (backbone: dit; Peebles & Xie 2023)
     patch_size: int = 2
@@ -75,8 +99,23 @@ class DiffusionConfig(ModelConfig):
 def _check(cfg: DiffusionConfig) -> None:
     if cfg.image_size <= 0 or cfg.channels <= 0:
         raise GenlabError("model.image_size and model.channels must be set (or build the model from a dataset)")
-    if cfg.prediction != "eps":
-        raise GenlabError(f"model.prediction={cfg.prediction!r} is not supported; use eps")
+    if cfg.prediction not in PREDICTIONS:
+        raise GenlabError(f"model.prediction={cfg.prediction!r} is unknown; choose one of: {', '.join(PREDICTIONS)}")
+    if cfg.preconditioning not in PRECONDITIONINGS:
+        raise GenlabError(f"model.preconditioning={cfg.preconditioning!r} is unknown; choose one of: "
+                          f"{', '.join(PRECONDITIONINGS)}")
+    if cfg.schedule not in BETA_SCHEDULES:
+        raise GenlabError(f"model.schedule={cfg.schedule!r} is unknown; choose one of: {', '.join(BETA_SCHEDULES)}")
+    if cfg.zero_terminal_snr and cfg.prediction == "eps":
+        raise GenlabError("model.zero_terminal_snr needs model.prediction=v (or x0): eps says nothing at zero SNR")
+    if cfg.min_snr_gamma < 0:
+        raise GenlabError(f"model.min_snr_gamma={cfg.min_snr_gamma} must be >= 0 (0 = off)")
+    if cfg.preconditioning == "edm":
+        if cfg.min_snr_gamma or cfg.zero_terminal_snr:
+            raise GenlabError("model.min_snr_gamma and model.zero_terminal_snr apply to vp; edm weights its loss by "
+                              "lambda(sigma); leave them at 0 / false")
+        if not 0 < cfg.sigma_min < cfg.sigma_max or cfg.sigma_data <= 0 or cfg.P_std <= 0:
+            raise GenlabError("model.sigma_min < model.sigma_max, model.sigma_data and model.P_std must be positive")
     if not 0.0 <= cfg.cond_drop < 1.0:
         raise GenlabError(f"model.cond_drop={cfg.cond_drop} must be in [0, 1)")
     if cfg.timesteps < 2:
@@ -104,7 +143,8 @@ def _frozen_autoencoder(config: DiffusionConfig) -> AutoencoderKL | None:
 
 @MODELS.register("diffusion")
 class DiffusionModel(GenerativeModel):
-    """DDPM trained with the simple loss ||eps - eps_theta(x_t, t, y)||^2 (Ho et al. 2020, eq. 14)."""
+    """DDPM trained with the simple loss ||eps - eps_theta(x_t, t, y)||^2 (Ho et al. 2020, eq. 14), or with a v / x0
+    target, or EDM-preconditioned (Karras et al. 2022); sampled through one denoiser D(x, sigma, y)."""
 
     family = "diffusion"
     config_class = DiffusionConfig
@@ -115,8 +155,17 @@ class DiffusionModel(GenerativeModel):
         self.num_classes = config.num_classes if config.class_cond else 0
         self.net = BACKBONES.get(config.backbone).from_config(config, self.num_classes)
         self.autoencoder = _frozen_autoencoder(config)  # latent diffusion; None in pixel space
-        alpha_bar = alpha_bar_from_betas(make_betas(config.schedule, config.timesteps, config.beta_start,
-                                                    config.beta_end))
+        self.edm = config.preconditioning == "edm"
+        if self.edm:  # a table of sigmas (log-spaced over the sampling range) for step spacings and likelihoods
+            log_sigma = torch.tensor([config.sigma_min, config.sigma_max], dtype=torch.float64).log()
+            alpha_bar = alpha_bar_from_sigma(torch.linspace(*log_sigma, config.timesteps, dtype=torch.float64).exp())
+        else:
+            betas = make_betas(config.schedule, config.timesteps, config.beta_start, config.beta_end)
+            if config.zero_terminal_snr:
+                betas = rescale_zero_terminal_snr(betas)
+            alpha_bar = alpha_bar_from_betas(betas)
+            if config.zero_terminal_snr:
+                alpha_bar[-1] = ZERO_SNR_ALPHA_BAR
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         self.register_buffer("sigmas", sigma_from_alpha_bar(alpha_bar).float(), persistent=False)
 
@@ -168,30 +217,48 @@ class DiffusionModel(GenerativeModel):
 
     # -- training -----------------------------------------------------------------------
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Sample t ~ U{0..T-1}, eps ~ N(0, I), x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps; MSE on eps."""
+        """vp: t ~ U{0..T-1}, x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps, MSE on the eps / v / x0 target
+        (Min-SNR-gamma weighted if set); edm: ln sigma ~ N(P_mean, P_std^2), lambda(sigma) ||D(x0 + sigma eps) - x0||^2
+        (Karras et al. 2022, eq. 2 and table 1)."""
         x0 = batch["x"]
         B = x0.shape[0]
-        t = torch.randint(0, self.config.timesteps, (B,), device=x0.device)
         eps = torch.randn_like(x0)
-        alpha_bar = self.alpha_bar[t].view(B, 1, 1, 1)
-        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
         y = None
         if self.num_classes:
             y = batch["label"].to(x0.device)
             y = torch.where(y < 0, self.num_classes, y)  # unlabeled items train the null class
             y = self.net.label_embed.drop(y, self.config.cond_drop if self.training else 0.0)
-        return {"loss": F.mse_loss(self.net(x_t, t, y), eps)}
+        cfg = self.config
+        if self.edm:
+            sigma = edm_training_sigmas(B, cfg.P_mean, cfg.P_std, x0.device)
+            per_item = ((self.denoise(x0 + sigma.view(B, 1, 1, 1) * eps, sigma, y) - x0) ** 2).flatten(1).mean(1)
+            return {"loss": (edm_loss_weight(sigma, cfg.sigma_data) * per_item).mean()}
+        t = torch.randint(0, cfg.timesteps, (B,), device=x0.device)
+        sigma = self.sigmas[t]
+        alpha_bar = self.alpha_bar[t].view(B, 1, 1, 1)
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+        target = vp_target(x0, eps, sigma, cfg.prediction)
+        if not cfg.min_snr_gamma:
+            return {"loss": F.mse_loss(self.net(x_t, t, y), target)}
+        per_item = ((self.net(x_t, t, y) - target) ** 2).flatten(1).mean(1)
+        return {"loss": (min_snr_weight(sigma, cfg.min_snr_gamma, cfg.prediction) * per_item).mean()}
 
     # -- sampling -----------------------------------------------------------------------
     def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, quantize: bool = True) -> Tensor:
-        """D(x, sigma, y) = x - sigma * eps_theta(x / sqrt(1 + sigma^2), t(sigma), y) (Karras et al. 2022, table 1);
-        t(sigma) is the nearest training timestep, or the fractional one with quantize=False."""
-        c_in = (1 + sigma**2).rsqrt().view(-1, 1, 1, 1)
-        eps = self.net(x * c_in, sigma_to_t(sigma, self.sigmas, quantize), cond)
-        return x - sigma.view(-1, 1, 1, 1) * eps
+        """D(x, sigma, y) = c_skip x + c_out F(c_in x, c_noise, y) (Karras et al. 2022, eq. 7 and table 1): vp feeds
+        the nearest training timestep t(sigma) as c_noise (fractional with quantize=False), edm ln(sigma) / 4."""
+        if self.edm:
+            c_skip, c_out, c_in, c_noise = edm_scalings(sigma, self.config.sigma_data)
+        else:
+            c_skip, c_out, c_in = vp_scalings(sigma, self.config.prediction)
+            c_noise = sigma_to_t(sigma, self.sigmas, quantize)
+        return denoised(x, self.net(x * c_in.view(-1, 1, 1, 1), c_noise, cond), c_skip, c_out)
 
     def sampling_sigmas(self, steps: int, spacing: str = "leading") -> Tensor:
-        """The sigmas of a `steps`-step sampler over the training schedule, ending in 0."""
+        """The sigmas of a `steps`-step sampler over the training schedule, ending in 0; edm: the Karras schedule
+        (rho = 7) from sigma_max to sigma_min (Karras et al. 2022, eq. 5)."""
+        if self.edm:
+            return karras_sigmas(steps, self.config.sigma_min, self.config.sigma_max).to(self.sigmas)
         return sigmas_for_timesteps(self.sigmas, spaced_timesteps(self.config.timesteps, steps, spacing))
 
     def guided_denoiser(self, cfg: float = 1.0, labels: Tensor | None = None) -> Denoiser:

@@ -13,17 +13,37 @@ from genlab.errors import GenlabError
 SPACINGS = ("leading", "trailing", "linspace")
 
 
+BETA_SCHEDULES = ("linear", "cosine", "sigmoid")
+# alpha_bar at the last step of a zero-terminal-SNR schedule: 0 would make sigma infinite in the x = x0 + sigma * eps
+# view the samplers walk, so it is clamped here (as ComfyUI does); sigma_max is then ~4519
+ZERO_SNR_ALPHA_BAR = 4.8973451890853435e-08
+
+
 def make_betas(schedule: str, timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
-    """Per-step betas (float64): "linear" (Ho et al. 2020, sec. 4) or "cosine" (Nichol & Dhariwal 2021, eq. 17)."""
+    """Per-step betas (float64): "linear" (Ho et al. 2020, sec. 4), "cosine" (Nichol & Dhariwal 2021, eq. 17) or
+    "sigmoid", beta_start + (beta_end - beta_start) * sigmoid(linspace(-6, 6)) (Xu et al. 2022, GeoDiff app.)."""
     if schedule == "linear":
         return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+    if schedule == "sigmoid":
+        ramp = torch.sigmoid(torch.linspace(-6, 6, timesteps, dtype=torch.float64))
+        return beta_start + (beta_end - beta_start) * ramp
     if schedule == "cosine":
         def f(t: float) -> float:
             return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
         betas = [min(1 - f((i + 1) / timesteps) / f(i / timesteps), 0.999) for i in range(timesteps)]
         return torch.tensor(betas, dtype=torch.float64)
-    raise GenlabError(f"unknown noise schedule {schedule!r}; choose linear or cosine")
+    raise GenlabError(f"unknown noise schedule {schedule!r}; choose one of: {', '.join(BETA_SCHEDULES)}")
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Betas whose sqrt(alpha_bar) is shifted to end at 0 and rescaled to keep its first value, so the last step
+    has zero SNR (Lin et al. 2024, alg. 1)."""
+    sqrt_alpha_bar = alpha_bar_from_betas(betas).sqrt()
+    first, last = sqrt_alpha_bar[0].clone(), sqrt_alpha_bar[-1].clone()
+    sqrt_alpha_bar = (sqrt_alpha_bar - last) * first / (first - last)
+    alpha_bar = sqrt_alpha_bar**2
+    return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
 
 
 def alpha_bar_from_betas(betas: Tensor) -> Tensor:
