@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams")
     p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], help=r"stop string, \n and \t understood (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stream", action="store_true", help="print tokens as they come (one prompt, --n 1)")
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.n < 1:
         raise GenlabError(f"--n {args.n} must be at least 1")
+    args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
     model = _load(args.model, args.int8)
     tok = model.tokenizer
     cfg = GenerationConfig(
