@@ -201,6 +201,8 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp
     weights, state = ckpt.load_checkpoint(run / "checkpoints" / "step_0000004")
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in weights["model"].values())
     assert not (run / "model").exists()
+    with pytest.raises(GenlabError, match="has no exported model yet"):
+        resolve_model_dir(run)
 
 
 def test_resume_refuses_a_changed_config_and_no_resume_starts_over(tmp_path):

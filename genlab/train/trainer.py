@@ -160,6 +160,8 @@ class Trainer:
 
     Writes the run folder: config.yaml, metrics.jsonl, samples/, checkpoints/step_XXXXXXX/, and at the end
     the EMA weights as a model folder in model/. Resumes from the newest good checkpoint by default.
+    Previews and validation run on the EMA weights with the training RNG streams saved and restored, so
+    how often they run never changes the trained weights.
     """
 
     def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = True) -> None:
