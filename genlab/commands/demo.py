@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from genlab.eval.features import get_feature_network
+    from genlab.eval.report import evaluate_images
     from genlab.train import train
 
     overrides = list(args.overrides)
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
     predicted = classifier.classify(images)
     per_class = [(predicted[labels == c] == c).float().mean().item() for c in range(num_classes)]
     agreement = (predicted == labels).float().mean().item()
+    quality = evaluate_images(images, cfg.data.name, "test", metrics=("fid", "kid"), fnet=classifier)
 
     out = run_dir / "demo"
     rows = torch.cat([images[labels == c][:10] for c in range(num_classes)])
@@ -63,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         "train_steps": _last_step(run_dir), "samples": n, **params,
         "sample_seconds": round(sample_s, 1), "classifier": classifier.describe(),
         "classifier_agreement": agreement, "classifier_agreement_per_class": per_class,
+        **{k: quality[k] for k in ("fid", "kid", "kid_se", "n_real", "reference")},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report = write_report(out / "report.md", metrics, grid)
@@ -103,6 +106,8 @@ def write_report(path: Path, m: dict[str, Any], grid: Path) -> Path:
         f"seeds {m['seed']}..{m['seed'] + m['samples'] - 1}) in {m['sample_seconds']} s",
         f"- feature network `{c['name']}` (hash `{c['hash']}`), test accuracy {c['test_accuracy']:.2%}",
         f"- **{m['classifier_agreement']:.1%}** of samples are classified as the class that was asked for",
+        f"- FID {m['fid']:.4g}, KID {m['kid']:.4g} ± {m['kid_se']:.2g} (standard error) against the "
+        f"{m['reference']['split']} split, in the same features (n_real {m['n_real']}, n_generated {m['samples']})",
         "",
         "| class | " + " | ".join(str(i) for i in range(len(m["classifier_agreement_per_class"]))) + " |",
         "|---|" + "---|" * len(m["classifier_agreement_per_class"]),
