@@ -117,7 +117,9 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints, and temp folders left by killed saves."""
     for _, path in list_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
+        doomed = root / f".old-{path.name}-{os.getpid()}"
+        os.rename(path, doomed)  # gone from the checkpoint list at once, even if the deletion is cut short
+        shutil.rmtree(doomed, ignore_errors=True)
     remove_leftovers(root, keep_pid=os.getpid())
 
 
