@@ -107,7 +107,8 @@ class Encoder(nn.Module):
         super().__init__()
         widths = [cfg.base_channels * m for m in cfg.channel_mults]
         p = cfg.patchify
-        layers: list[nn.Module] = [nn.PixelUnshuffle(p), nn.Conv2d(cfg.channels * p * p, widths[0], 3, padding=1)]
+        self.unshuffle = nn.PixelUnshuffle(p)
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels * p * p, widths[0], 3, padding=1)]
         ch = widths[0]
         for level, width in enumerate(widths):
             for _ in range(cfg.num_res_blocks):
@@ -120,7 +121,7 @@ class Encoder(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mean, logvar = self.net(x).chunk(2, dim=1)
+        mean, logvar = self.net(self.unshuffle(x)).chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
 
