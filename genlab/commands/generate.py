@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     cfg.check()
     texts = args.prompt or [""]
     prompts = [_prompt_ids(tok, t, args.chat) for t in texts for _ in range(args.n)]
-    labels = [t for t in texts for _ in range(args.n)]
+    labels = ["" if args.chat else t for t in texts for _ in range(args.n)]  # chat: print the reply only
     t0 = time.perf_counter()
     if args.draft:
         from genlab.sampling.speculative import speculative_generate
