@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,23 +32,42 @@ from genlab.models.parameterization import (
     vp_target,
 )
 from genlab.registry import BACKBONES, MODELS, SAMPLERS
+from genlab.sampling.controls import (
+    Callback,
+    img2img_sigmas,
+    img2img_start,
+    inpaint_denoiser,
+    paste,
+    sample_repaint,
+)
 from genlab.sampling.diffusion import Denoiser, Generators, classifier_free_guidance, default_noise_sampler, randn
 from genlab.sampling.schedules import (
     BETA_SCHEDULES,
     ZERO_SNR_ALPHA_BAR,
     alpha_bar_from_betas,
     alpha_bar_from_sigma,
+    exponential_sigmas,
+    get_sigmas,
     karras_sigmas,
     make_betas,
     rescale_zero_terminal_snr,
     sigma_from_alpha_bar,
     sigma_to_t,
-    sigmas_for_timesteps,
-    spaced_timesteps,
 )
+from genlab.sampling.solvers import sampler_options
 from genlab.train.checkpoint import resolve_model_dir
 
 MAX_SAMPLES = 10_000
+
+
+def _images(images: Tensor, n: int, device: torch.device) -> Tensor:
+    """(H, W), (C, H, W) or (B, C, H, W) images as a float (1 or n, C, H, W) batch on `device`."""
+    x = torch.as_tensor(images, dtype=torch.float32, device=device)
+    while x.ndim < 4:
+        x = x.unsqueeze(0)
+    if x.shape[0] not in (1, n):
+        raise GenlabError(f"{x.shape[0]} init images or masks for n={n} samples; give one or n")
+    return x
 LATENT_SCALE_ITEMS = 256  # training items whose latents set the latent scale (262k numbers at 16x16x4)
 
 
@@ -222,19 +240,21 @@ class DiffusionModel(GenerativeModel):
         (Karras et al. 2022, eq. 2 and table 1)."""
         x0 = batch["x"]
         B = x0.shape[0]
+        cfg = self.config
+        if self.edm:
+            sigma = edm_training_sigmas(B, cfg.P_mean, cfg.P_std, x0.device)
+        else:
+            t = torch.randint(0, cfg.timesteps, (B,), device=x0.device)
+            sigma = self.sigmas[t]
         eps = torch.randn_like(x0)
         y = None
         if self.num_classes:
             y = batch["label"].to(x0.device)
             y = torch.where(y < 0, self.num_classes, y)  # unlabeled items train the null class
             y = self.net.label_embed.drop(y, self.config.cond_drop if self.training else 0.0)
-        cfg = self.config
         if self.edm:
-            sigma = edm_training_sigmas(B, cfg.P_mean, cfg.P_std, x0.device)
             per_item = ((self.denoise(x0 + sigma.view(B, 1, 1, 1) * eps, sigma, y) - x0) ** 2).flatten(1).mean(1)
             return {"loss": (edm_loss_weight(sigma, cfg.sigma_data) * per_item).mean()}
-        t = torch.randint(0, cfg.timesteps, (B,), device=x0.device)
-        sigma = self.sigmas[t]
         alpha_bar = self.alpha_bar[t].view(B, 1, 1, 1)
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
         target = vp_target(x0, eps, sigma, cfg.prediction)
@@ -254,18 +274,26 @@ class DiffusionModel(GenerativeModel):
             c_noise = sigma_to_t(sigma, self.sigmas, quantize)
         return denoised(x, self.net(x * c_in.view(-1, 1, 1, 1), c_noise, cond), c_skip, c_out)
 
-    def sampling_sigmas(self, steps: int, spacing: str = "leading") -> Tensor:
-        """The sigmas of a `steps`-step sampler over the training schedule, ending in 0; edm: the Karras schedule
-        (rho = 7) from sigma_max to sigma_min (Karras et al. 2022, eq. 5)."""
+    def sampling_sigmas(self, steps: int, spacing: str = "leading", schedule: str | None = None) -> Tensor:
+        """The sigmas of a `steps`-step sampler, ending in 0: the `schedule` (karras, exponential, uniform, or a
+        timestep spacing) over the training sigmas, by default the `spacing` of timesteps; edm: the Karras
+        (rho = 7, Karras et al. 2022, eq. 5) or exponential schedule from sigma_max to sigma_min."""
         if self.edm:
-            return karras_sigmas(steps, self.config.sigma_min, self.config.sigma_max).to(self.sigmas)
-        return sigmas_for_timesteps(self.sigmas, spaced_timesteps(self.config.timesteps, steps, spacing))
+            if schedule not in (None, "karras", "exponential"):
+                raise GenlabError(f"schedule={schedule!r}: an edm model samples continuous sigmas; use karras or "
+                                  "exponential")
+            make = exponential_sigmas if schedule == "exponential" else karras_sigmas
+            return make(steps, self.config.sigma_min, self.config.sigma_max).to(self.sigmas)
+        return get_sigmas(schedule or spacing, self.sigmas, steps)
 
-    def guided_denoiser(self, cfg: float = 1.0, labels: Tensor | None = None) -> Denoiser:
-        """The denoiser the samplers call: classifier-free guidance when cfg != 1, then x0 clamped to [-1, 1]."""
+    def guided_denoiser(self, cfg: float = 1.0, labels: Tensor | None = None, negative: Tensor | None = None,
+                        rescale: float = 0.0) -> Denoiser:
+        """The denoiser the samplers call: classifier-free guidance when cfg != 1 (against the null class, or the
+        `negative` labels), with guidance `rescale`, then x0 clamped to [-1, 1]."""
         denoiser: Denoiser = self.denoise
         if labels is not None and cfg != 1.0:
-            denoiser = classifier_free_guidance(denoiser, cfg, torch.full_like(labels, self.num_classes))
+            null = negative if negative is not None else torch.full_like(labels, self.num_classes)
+            denoiser = classifier_free_guidance(denoiser, cfg, null, rescale)
         if not self.config.clip_denoised or self.autoencoder is not None:
             return denoiser
         inner = denoiser
@@ -292,40 +320,87 @@ class DiffusionModel(GenerativeModel):
 
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, generator: Generators = None, sampler: str = "ddim",
-               steps: int = 50, cfg: float = 3.0, eta: float = 0.0, spacing: str = "leading",
-               progress: bool = False) -> Tensor:
-        """`n` images in [-1, 1]: x_T ~ N(0, I), then `sampler` over `steps` spaced timesteps with guidance `cfg`.
+               steps: int = 50, cfg: float = 3.0, eta: float | None = None, spacing: str = "leading",
+               schedule: str | None = None, negative_cond: Any = None, guidance_rescale: float = 0.0,
+               init: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
+               repaint_jumps: int = 1, repaint_jump_length: int = 10, callback: Callback | None = None,
+               progress: bool = False, **sampler_opts: Any) -> Tensor:
+        """`n` images in [-1, 1]: x_T ~ N(0, I), then `sampler` over the `schedule` sigmas (default: `steps`
+        timesteps with `spacing`), guided by `cfg` against the null class or the `negative_cond` labels.
 
-        `generator` may be a list of n generators: image i then depends on generator i only.
+        `init` images (in [-1, 1]) with `strength` < 1: img2img (SDEdit); `init` + `mask` (1 = generate):
+        inpainting, with RePaint resampling when `repaint_jumps` > 1. `sampler_opts` go to the sampler (s_churn,
+        order, ...); `callback` gets each step's dict (its `denoised` is the preview). `generator` may be a list
+        of n generators: image i then depends on generator i only.
         """
         if not 1 <= n <= MAX_SAMPLES:
             raise GenlabError(f"n={n} is out of range; use 1..{MAX_SAMPLES}")
         if cfg < 0:
             raise GenlabError(f"cfg={cfg} must be >= 0 (1 = no guidance)")
-        if not 0.0 <= eta <= 1.0:
-            raise GenlabError(f"eta={eta} must be in [0, 1]")
+        if mask is not None and init is None:
+            raise GenlabError("a mask needs the image to inpaint: pass init as well")
         fn = SAMPLERS.get(sampler)
-        extra = {}
-        if "eta" in inspect.signature(fn).parameters:
-            extra["eta"] = eta
-        elif eta:
-            raise GenlabError(f"eta applies to ddim, not to the {sampler} sampler; leave it at 0")
+        opts = sampler_options(sampler, eta=eta, **sampler_opts)
+        if repaint_jumps > 1 and (mask is None or sampler != "ddpm"):
+            raise GenlabError("RePaint resampling (repaint_jumps > 1) inpaints with ddpm steps: pass a mask and "
+                              "sampler='ddpm'")
         device = self.alpha_bar.device
         labels = self.labels_for(n, cond)
         labels = labels.to(device) if labels is not None else None
-        sigmas = self.sampling_sigmas(steps, spacing).to(device)
+        negative = self.labels_for(n, negative_cond).to(device) if negative_cond is not None else None
+        sigmas = self.sampling_sigmas(steps, spacing, schedule).to(device)
         c, s = self.config.channels, self.config.image_size
-        x = randn((n, c, s, s), generator, device) * (1 + sigmas[0] ** 2).sqrt()
+        noise = randn((n, c, s, s), generator, device)
+        denoiser = self.guided_denoiser(cfg, labels, negative, guidance_rescale)
+        x = noise * (1 + sigmas[0] ** 2).sqrt()
+        if init is not None:
+            init_x = self._model_space(init, n)
+            sigmas = img2img_sigmas(sigmas, strength)
+            x = img2img_start(init_x, noise, sigmas, strength)
+        if mask is not None:
+            mask_x = self._model_space_mask(mask, n)
+            if repaint_jumps <= 1:
+                denoiser = inpaint_denoiser(denoiser, init_x, mask_x, noise)
+        noise_sampler = default_noise_sampler(x, generator)
         was_training = self.training
         self.eval()
         try:
-            out = fn(self.guided_denoiser(cfg, labels), x, sigmas, cond=labels,
-                     noise_sampler=default_noise_sampler(x, generator), progress=progress, **extra)
+            if repaint_jumps > 1:
+                out = sample_repaint(denoiser, x, sigmas, init_x, mask_x, labels, repaint_jump_length, repaint_jumps,
+                                     noise_sampler, callback, progress)
+            else:
+                out = fn(denoiser, x, sigmas, cond=labels, noise_sampler=noise_sampler, callback=callback,
+                         progress=progress, **opts)
         finally:
             self.train(was_training)
+        if mask is not None:
+            out = paste(out, init_x, mask_x)
         if self.autoencoder is not None:
             out = self.autoencoder.decode(out / self.config.latent_scale)
+            if mask is not None:  # the decoder only approximates the known pixels; keep them exactly
+                out = paste(out, _images(init, n, device), _images(mask, n, device))
         return out.clamp(-1.0, 1.0)
+
+    def _model_space(self, images: Tensor, n: int) -> Tensor:
+        """Images in [-1, 1] (one, or one per sample) in the sampler's space: pixels, or scaled latent means."""
+        x = _images(images, n, self.alpha_bar.device)
+        pixels = (self.autoencoder.config.channels, self.autoencoder.config.image_size) if self.autoencoder \
+            else (self.config.channels, self.config.image_size)
+        if (x.shape[1], x.shape[2], x.shape[3]) != (pixels[0], pixels[1], pixels[1]):
+            raise GenlabError(f"init image is {tuple(x.shape[1:])} but this model makes {pixels[0]}x{pixels[1]}x"
+                              f"{pixels[1]} images; resize it")
+        if self.autoencoder is None:
+            return x.expand(n, -1, -1, -1)
+        return self.autoencoder.encode(x)[0].expand(n, -1, -1, -1) * self.config.latent_scale
+
+    def _model_space_mask(self, mask: Tensor, n: int) -> Tensor:
+        """A mask (1 = generate) in the sampler's space; a latent is generated where any of its pixels is."""
+        m = _images(mask, n, self.alpha_bar.device)
+        if m.min() < 0 or m.max() > 1:
+            raise GenlabError("mask values must be in [0, 1] (1 = generate, 0 = keep)")
+        if self.autoencoder is not None:
+            m = F.adaptive_max_pool2d(m, self.config.image_size)
+        return m.expand(n, -1, -1, -1)
 
     def write_preview(self, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
         """A PNG grid of samples, one row per class when the model is class-conditional."""

@@ -8,6 +8,7 @@ Zhao et al. 2023). Stochastic steps take their noise from `noise_sampler(sigma, 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -17,10 +18,37 @@ from scipy import integrate
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from genlab.errors import GenlabError
 from genlab.registry import SAMPLERS
 from genlab.sampling.diffusion import Denoiser, Generators, NoiseSampler, default_noise_sampler, randn, to_d
 
 Callback = Callable[[dict[str, Any]], None]
+
+# arguments every sampler takes from the caller, not from the user
+_CALLER_ARGS = ("denoiser", "x", "sigmas", "cond", "noise_sampler", "callback", "progress")
+
+
+def sampler_defaults(name: str) -> dict[str, Any]:
+    """The user options of a registered sampler with their defaults (what `genlab sample --list-samplers` shows)."""
+    params = inspect.signature(SAMPLERS.get(name)).parameters
+    return {k: p.default for k, p in params.items() if k not in _CALLER_ARGS}
+
+
+def sampler_options(name: str, eta: float | None = None, **opts: Any) -> dict[str, Any]:
+    """Check options against the sampler's signature; `eta` is passed only when given (ddim's default is 0, the
+    ancestral and SDE samplers' 1)."""
+    known = sampler_defaults(name)
+    if eta is not None:
+        if not 0.0 <= eta <= 1.0:
+            raise GenlabError(f"eta={eta} must be in [0, 1]")
+        if "eta" in known:
+            opts["eta"] = eta
+        elif eta:
+            raise GenlabError(f"eta applies to ddim and the ancestral / SDE samplers, not to {name}; leave it at 0")
+    for key in opts:
+        if key not in known:
+            raise GenlabError(f"the {name} sampler has no option {key!r}; its options: {', '.join(known) or 'none'}")
+    return opts
 
 
 def _steps(sigmas: Tensor, progress: bool, name: str) -> Iterable[int]:

@@ -1,0 +1,225 @@
+"""Property tests of the sampling controls: img2img, inpainting (pasting and RePaint), negative conditions and
+guidance rescale, per-step previews, sampler options."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from genlab.errors import GenlabError
+from genlab.models.diffusion import DiffusionConfig, DiffusionModel
+from genlab.registry import SAMPLERS
+from genlab.sampling.controls import img2img_sigmas, iter_steps, repaint_schedule
+from genlab.sampling.diffusion import classifier_free_guidance, rescale_guidance
+from genlab.sampling.solvers import sampler_defaults, sampler_options
+
+STEPS = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and much faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionModel:
+    """A tiny class-conditional U-Net with every weight random (its zero-initialised output layers too)."""
+    cfg = DiffusionConfig(image_size=8, channels=1, num_classes=3, base_channels=8, channel_mults=(1, 2),
+                          num_res_blocks=1, attention_resolutions=(), head_channels=8, norm_groups=4, timesteps=100)
+    m = DiffusionModel(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.net.parameters():
+            fan_in = p[0].numel() if p.ndim > 1 else 1
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (1.0 if p.ndim > 1 else 0.1))
+    return m
+
+
+def _gens(n: int, seed: int = 0) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def _image(n: int = 1) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
+
+
+def test_img2img_strength_0_returns_the_input(model):
+    init = _image(3)
+    out = model.sample(3, cond=[0, 1, 2], generator=_gens(3), sampler="euler", steps=STEPS, init=init, strength=0.0)
+    torch.testing.assert_close(out, init, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler_ancestral"])
+def test_img2img_strength_1_is_text_to_image(model, sampler):
+    kw = {"cond": [0, 2], "sampler": sampler, "steps": STEPS, "cfg": 2.0}
+    t2i = model.sample(2, generator=_gens(2), **kw)
+    i2i = model.sample(2, generator=_gens(2), init=_image(), strength=1.0, **kw)
+    torch.testing.assert_close(i2i, t2i, atol=0, rtol=0)
+
+
+def test_img2img_walks_the_schedule_tail():
+    sigmas = torch.linspace(10, 0, 11)
+    assert torch.equal(img2img_sigmas(sigmas, 0.5), sigmas[5:])
+    assert torch.equal(img2img_sigmas(sigmas, 0.0), sigmas[10:])
+    with pytest.raises(GenlabError, match="strength"):
+        img2img_sigmas(sigmas, 1.5)
+
+
+def test_img2img_moves_toward_the_input_as_strength_falls(model):
+    init = _image(4)
+    dist = []
+    for strength in (1.0, 0.6, 0.3):
+        out = model.sample(4, cond=1, generator=_gens(4), sampler="euler", steps=10, init=init, strength=strength)
+        dist.append((out - init).pow(2).mean().item())
+    assert dist[0] > dist[1] > dist[2] > 0
+
+
+def _half_mask() -> torch.Tensor:
+    mask = torch.zeros(8, 8)
+    mask[:, 4:] = 1  # generate the right half, keep the left
+    return mask
+
+
+@pytest.mark.parametrize("sampler,opts", [("euler", {}), ("dpmpp_2m", {}), ("unipc", {}), ("lms", {}),
+                                          ("heun", {"s_churn": 1.0}), ("dpmpp_sde", {}), ("ddpm", {}),
+                                          ("ddpm", {"repaint_jumps": 3, "repaint_jump_length": 2})])
+def test_inpainting_keeps_the_known_region(model, sampler, opts):
+    init, mask = _image(2), _half_mask()
+    out = model.sample(2, cond=[0, 1], generator=_gens(2), sampler=sampler, steps=STEPS, init=init, mask=mask,
+                       **opts)
+    torch.testing.assert_close(out[..., :4], init[..., :4], atol=0, rtol=0)
+    assert (out[..., 4:] - init[..., 4:]).abs().max() > 0.1  # the masked half is generated anew
+
+
+def test_inpainting_with_nothing_known_is_text_to_image(model):
+    kw = {"cond": [2, 0], "sampler": "dpmpp_2m", "steps": STEPS}
+    t2i = model.sample(2, generator=_gens(2), **kw)
+    inpainted = model.sample(2, generator=_gens(2), init=_image(), mask=torch.ones(8, 8), **kw)
+    torch.testing.assert_close(inpainted, t2i, atol=0, rtol=0)
+
+
+def test_repaint_schedule_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    for steps, jump_length, jump_n_sample in [(20, 5, 3), (12, 3, 2), (10, 10, 10), (7, 2, 1)]:
+        sched = diffusers.RePaintScheduler(num_train_timesteps=1000)
+        sched.set_timesteps(steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
+        # after diffusers' entry t (a step down from level t, or noising up to it) the image is at level t - 1,
+        # which is sigma index steps - t here; the walk starts from pure noise at index 0
+        levels = (sched.timesteps // (1000 // steps)).tolist()
+        assert repaint_schedule(steps, jump_length, jump_n_sample) == [0] + [steps - t for t in levels]
+
+
+def test_guidance_1_is_the_conditional_model(model):
+    x, sigma, cond = torch.randn(3, 1, 8, 8), torch.full((3,), 2.0), torch.tensor([0, 1, 2])
+    guided = classifier_free_guidance(model.denoise, 1.0, torch.full_like(cond, 3))
+    torch.testing.assert_close(guided(x, sigma, cond), model.denoise(x, sigma, cond), atol=1e-5, rtol=0)
+    out = model.sample(3, cond=cond, generator=_gens(3), sampler="heun", steps=STEPS, cfg=1.0)
+    sigmas = model.sampling_sigmas(STEPS)
+    x_T = torch.stack([torch.randn(1, 8, 8, generator=g) for g in _gens(3)]) * (1 + sigmas[0] ** 2).sqrt()
+    alone = SAMPLERS.get("heun")(lambda x, s, c: model.denoise(x, s, c).clamp(-1, 1), x_T, sigmas, cond)
+    torch.testing.assert_close(out, alone.clamp(-1, 1), atol=1e-5, rtol=0)
+
+
+def test_negative_label_replaces_the_null_class(model):
+    """D_neg + w (D_cond - D_neg) with negative = cond is the conditional model at any scale; with negative =
+    the null class it is plain classifier-free guidance."""
+    kw = {"cond": [0, 1], "sampler": "euler", "steps": STEPS}
+    same = model.sample(2, generator=_gens(2), cfg=4.0, negative_cond=[0, 1], **kw)
+    torch.testing.assert_close(same, model.sample(2, generator=_gens(2), cfg=1.0, **kw), atol=1e-5, rtol=0)
+    other = model.sample(2, generator=_gens(2), cfg=4.0, negative_cond=2, **kw)
+    assert (other - model.sample(2, generator=_gens(2), cfg=4.0, **kw)).abs().max() > 1e-3
+
+
+def test_guidance_rescale_matches_diffusers():
+    rescale_noise_cfg = pytest.importorskip(
+        "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion").rescale_noise_cfg
+    g = torch.Generator().manual_seed(0)
+    x, sigma = torch.randn(2, 3, 4, 4, generator=g) * 3, torch.tensor([2.5, 0.7])
+    eps_cond, eps_null = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    eps_cfg = eps_null + 5.0 * (eps_cond - eps_null)
+    s = sigma.view(-1, 1, 1, 1)
+    for phi in (0.0, 0.7, 1.0):
+        ours = rescale_guidance(x, sigma, x - s * eps_cfg, x - s * eps_cond, phi)
+        theirs = x - s * rescale_noise_cfg(eps_cfg, eps_cond, guidance_rescale=phi)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+def test_guidance_rescale_in_sample_changes_only_with_guidance(model):
+    kw = {"cond": [0, 1], "sampler": "ddim", "steps": STEPS, "generator": None}
+    a = model.sample(2, **{**kw, "generator": _gens(2)}, cfg=1.0, guidance_rescale=0.7)
+    b = model.sample(2, **{**kw, "generator": _gens(2)}, cfg=1.0)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # no guidance, nothing to rescale
+    c = model.sample(2, **{**kw, "generator": _gens(2)}, cfg=5.0, guidance_rescale=0.7)
+    d = model.sample(2, **{**kw, "generator": _gens(2)}, cfg=5.0)
+    assert (c - d).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_every_sampler_streams_one_preview_per_step(name):
+    sigmas = torch.tensor([5.0, 2.0, 1.0, 0.5, 0.0])
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 5
+
+    def denoiser(x, sigma, cond):
+        return 0.2 * x / (1 + sigma.view(-1, 1) ** 2)
+
+    seen = []
+    out = SAMPLERS.get(name)(denoiser, x, sigmas, callback=seen.append)
+    assert [d["i"] for d in seen] == list(range(4))
+    assert all(d["denoised"].shape == x.shape and float(d["sigma"]) == float(sigmas[d["i"]]) for d in seen)
+    assert out.shape == x.shape
+
+
+def test_iter_steps_yields_previews_then_the_result(model):
+    kw = {"cond": 1, "sampler": "dpmpp_2m", "steps": STEPS}
+    items = list(iter_steps(lambda cb: model.sample(2, generator=_gens(2), callback=cb, **kw)))
+    assert [d["i"] for d in items[:-1]] == list(range(STEPS)) and items[-1]["done"]
+    torch.testing.assert_close(items[-1]["x"], model.sample(2, generator=_gens(2), **kw), atol=0, rtol=0)
+    # the last preview is the last denoised image the sampler returns (dpmpp_2m ends with x = denoised)
+    torch.testing.assert_close(items[-2]["denoised"].clamp(-1, 1), items[-1]["x"], atol=0, rtol=0)
+
+
+def test_iter_steps_stops_when_the_consumer_does(model):
+    calls = []
+
+    def run(cb):
+        def counting(d):
+            calls.append(d["i"])
+            cb(d)
+        return model.sample(1, cond=0, generator=_gens(1), sampler="euler", steps=20, callback=counting)
+
+    it = iter_steps(run)
+    assert next(it)["i"] == 0
+    it.close()  # joins the worker: the sampler stopped after at most two more steps
+    assert len(calls) <= 3
+
+
+def test_iter_steps_reraises_the_samplers_error(model):
+    with pytest.raises(GenlabError, match="no option"):
+        list(iter_steps(lambda cb: model.sample(1, cond=0, sampler="euler", callback=cb, order=3)))
+
+
+def test_sampler_options_are_checked():
+    assert sampler_defaults("euler")["s_churn"] == 0.0 and "order" in sampler_defaults("unipc")
+    assert sampler_options("euler_ancestral", eta=0.5) == {"eta": 0.5}
+    assert sampler_options("euler_ancestral") == {}  # its own default eta = 1 stays
+    with pytest.raises(GenlabError, match="s_churn"):
+        sampler_options("euler", s_curn=1.0)
+    with pytest.raises(GenlabError, match="eta"):
+        sampler_options("heun", eta=0.5)
+
+
+def test_control_mistakes_are_user_errors(model):
+    with pytest.raises(GenlabError, match="init"):
+        model.sample(1, cond=0, mask=torch.ones(8, 8))
+    with pytest.raises(GenlabError, match="resize"):
+        model.sample(1, cond=0, init=torch.zeros(1, 16, 16), strength=0.5)
+    with pytest.raises(GenlabError, match="ddpm"):
+        model.sample(1, cond=0, sampler="euler", init=_image(), mask=_half_mask(), repaint_jumps=3)
+    with pytest.raises(GenlabError, match="karras"):
+        model.sample(1, cond=0, schedule="karas")
