@@ -133,3 +133,20 @@ def test_feature_network_for_unlabelled_images_is_contrastive(tmp_path, monkeypa
     assert fnet.meta["kind"] == "contrastive" and fnet.test_accuracy is None
     again = F.get_feature_network(str(folder), progress=False)  # from the cache
     assert again.hash == fnet.hash
+
+
+def test_cli_eval_of_a_vae_uses_its_log_likelihood_on_dequantized_pixels(tiny_fnet, tmp_path, monkeypatch):
+    import genlab.eval.features
+    from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    monkeypatch.setattr(genlab.eval.features, "get_feature_network", lambda *a, **k: tiny_fnet)
+    torch.manual_seed(0)
+    cfg = AutoencoderConfig(image_size=28, channels=1, base_channels=8, channel_mults=(1, 2), norm_groups=4,
+                            z_channels=2)
+    model_dir = AutoencoderKL(cfg).save_pretrained(tmp_path / "vae")
+    out = tmp_path / "ev"
+    assert main(["eval", str(model_dir), "--data", "mnist", "--metrics", "kid,nll", "--n", "16", "--kid-subsets",
+                 "2", "--nll-n", "4", "--out", str(out)]) == 0
+    r = json.loads((out / "eval.json").read_text())
+    assert r["family"] == "autoencoder_kl" and r["nll_method"] == "dequantized log_likelihood"
+    assert r["n_fake"] == 16 and r["sampling"] == {"seed": 0, "n": 16, "seconds": r["sampling"]["seconds"]}

@@ -100,13 +100,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if image_metrics:
         fnet = get_feature_network(data)
         ref = reference_features(fnet, data, args.split)
-        opts: dict[str, Any] = {"sampler": args.sampler, "steps": args.steps}
-        if args.cfg is not None:
+        diffusion = model.family == "diffusion"  # samplers, steps, guidance and per-image seeds
+        opts: dict[str, Any] = {"sampler": args.sampler, "steps": args.steps} if diffusion else {}
+        if args.cfg is not None and diffusion:
             opts["cfg"] = args.cfg
         labels = model.labels_for(args.n, None) if hasattr(model, "labels_for") else None
         t0 = time.monotonic()
         images = sample_images(model.sample, args.n, args.seed, batch_size=args.batch, cond=labels, progress=True,
-                               **opts)
+                               per_item_seeds=diffusion, **opts)
         result["sampling"] = {**opts, "seed": args.seed, "n": args.n, "seconds": round(time.monotonic() - t0, 1)}
         feats, logits = fnet.embed(images, with_logits="is" in image_metrics)
         result |= metrics_from_features(ref, feats, logits, image_metrics, kid_subsets=args.kid_subsets,

@@ -63,16 +63,21 @@ def evaluate_images(images: Tensor, data: DataConfig | str = "mnist", split: str
 
 
 def sample_images(sample: Callable[..., Tensor], n: int, seed: int, batch_size: int = 250,
-                  cond: Tensor | None = None, progress: bool = False, **opts: Any) -> Tensor:
-    """Draw `n` images with `sample(count, cond=..., generator=[...], **opts)`; image i uses the seed `seed + i`."""
+                  cond: Tensor | None = None, progress: bool = False, per_item_seeds: bool = True,
+                  **opts: Any) -> Tensor:
+    """Draw `n` images with `sample(count, cond=..., generator=..., **opts)`: with `per_item_seeds` image i uses its
+    own generator seeded `seed + i` (families that take a list of generators), else batch b one seeded `seed + b`."""
     from tqdm.auto import tqdm
 
     out = []
     for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress):
         count = min(batch_size, n - start)
-        gens = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+        if per_item_seeds:
+            gen: Any = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+        else:
+            gen = torch.Generator().manual_seed(seed + start)
         c = cond[start : start + count] if cond is not None else None
-        out.append(sample(count, cond=c, generator=gens, **opts).cpu())
+        out.append(sample(count, cond=c, generator=gen, **opts).cpu())
     return torch.cat(out)
 
 
