@@ -33,7 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true", help="int8 linear layers (CPU inference)")
     p.add_argument("--draft", default=None, help="a smaller model folder for speculative decoding")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: one token at a time is latency-bound, and extra threads "
+                        "stall when the cores are shared; more help large batches)")
 
 
 def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
