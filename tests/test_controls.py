@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -223,3 +224,68 @@ def test_control_mistakes_are_user_errors(model):
         model.sample(1, cond=0, sampler="euler", init=_image(), mask=_half_mask(), repaint_jumps=3)
     with pytest.raises(GenlabError, match="karras"):
         model.sample(1, cond=0, schedule="karas")
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(model, tmp_path_factory):
+    return model.save_pretrained(tmp_path_factory.mktemp("model") / "tiny")
+
+
+def _png(path, array):
+    from PIL import Image
+
+    Image.fromarray(array.astype(np.uint8), mode="L").save(path)
+    return str(path)
+
+
+def test_cli_lists_every_sampler_and_schedule(capsys):
+    from genlab.cli import main
+
+    assert main(["sample", "--list-samplers"]) == 0
+    out = capsys.readouterr().out
+    names = {line.split()[0] for line in out.splitlines() if line and not line.startswith("schedules")}
+    assert {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde",
+            "dpmpp_3m_sde", "dpmpp_sde", "unipc", "ddim", "ddpm"} <= names
+    assert "s_churn=0.0" in out and "karras, exponential, uniform, trailing" in out
+
+
+@pytest.mark.parametrize("extra", [[], ["--repaint-jumps", "2", "--repaint-jump-length", "2", "--sampler", "ddpm"]])
+def test_cli_inpainting_keeps_the_known_pixels(model_dir, tmp_path, extra):
+    from PIL import Image
+
+    from genlab.cli import main
+
+    rng = np.random.default_rng(0)
+    init = rng.integers(0, 256, (8, 8))
+    mask = np.zeros((8, 8))
+    mask[2:6, 2:6] = 255
+    args = ["sample", str(model_dir), "--n", "2", "--steps", "4", "--label", "1", "--sampler", "dpmpp_2m",
+            "--schedule", "karras", "--init-image", _png(tmp_path / "init.png", init), "--mask",
+            _png(tmp_path / "mask.png", mask), "--out-dir", str(tmp_path / "out"), *extra]
+    assert main(args) == 0
+    for f in sorted((tmp_path / "out").glob("*.png")):
+        img = np.asarray(Image.open(f).convert("L"), dtype=np.int64)
+        assert np.array_equal(img[mask == 0], init[mask == 0])
+        assert not np.array_equal(img[mask > 0], init[mask > 0])
+
+
+def test_cli_img2img_options(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from genlab.cli import main
+
+    init = np.random.default_rng(1).integers(0, 256, (8, 8))
+    out = tmp_path / "same.png"
+    assert main(["sample", str(model_dir), "--n", "1", "--label", "0", "--init-image", _png(tmp_path / "i.png", init),
+                 "--strength", "0", "--out", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out).convert("L"))[2:-2, 2:-2], init)  # inside the grid padding
+    ok = ["sample", str(model_dir), "--n", "1", "--steps", "3", "--label", "2", "--out", str(tmp_path / "o.png")]
+    assert main([*ok, "--sampler", "heun", "--opt", "s_churn=1.0", "--negative-label", "0",
+                 "--guidance-rescale", "0.5"]) == 0
+    capsys.readouterr()
+    assert main([*ok, "--sampler", "euler", "--opt", "order=2"]) == 2
+    assert "no option 'order'" in capsys.readouterr().err
+    assert main([*ok, "--opt", "s_churn"]) == 2
+    assert main([*ok, "--mask", "m.png"]) == 2
+    assert main([*ok, "--schedule", "karas"]) == 2
