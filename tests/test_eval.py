@@ -150,3 +150,20 @@ def test_cli_eval_of_a_vae_uses_its_log_likelihood_on_dequantized_pixels(tiny_fn
     r = json.loads((out / "eval.json").read_text())
     assert r["family"] == "autoencoder_kl" and r["nll_method"] == "dequantized log_likelihood"
     assert r["n_fake"] == 16 and r["sampling"] == {"seed": 0, "n": 16, "seconds": r["sampling"]["seconds"]}
+
+
+def test_cli_eval_of_a_language_model_reports_perplexity(tmp_path):
+    from genlab.data import load_dataset
+    from genlab.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(tokenizer="char", block_size=16, n_layer=1, n_head=2, n_embd=16)
+    model = GPT.build(cfg, load_dataset("fortunes"))
+    model_dir = model.save_pretrained(tmp_path / "gpt")
+    out = tmp_path / "ev"
+    assert main(["eval", str(model_dir), "--data", "fortunes", "--metrics", "nll", "--nll-n", "8",
+                 "--out", str(out)]) == 0
+    r = json.loads((out / "eval.json").read_text())
+    vocab = model.config.vocab_size
+    assert r["nll_n"] == 8 and r["tokens"] == 8 * 16 and 1 < r["perplexity"] < 3 * vocab  # untrained: near uniform
+    assert main(["eval", str(model_dir), "--data", "fortunes", "--metrics", "fid"]) == 2

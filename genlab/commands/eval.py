@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=250, help="images per sampling batch")
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
-    p.add_argument("--nll-n", type=int, default=256, help="real test images for nll (bits/dim)")
+    p.add_argument("--nll-n", type=int, default=256, help="test images (or text blocks) for nll")
     p.add_argument("--nll-method", default="vlb", help="diffusion: vlb (variational bound) or ode (PF-ODE)")
     p.add_argument("--nll-t-samples", type=int, default=50, help="timesteps per image for the vlb estimate")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval or eval-<model>)")
@@ -70,13 +70,25 @@ def _run_data(model_dir: Path) -> str | None:
     return None
 
 
+def _load_model(model_dir: Path, device: str) -> Any:
+    """The family's own `from_pretrained` (a language model also loads its tokenizer.json)."""
+    from genlab.models import get_family
+    from genlab.models.base import CONFIG_NAME, GenerativeModel
+
+    try:
+        family = json.loads((model_dir / CONFIG_NAME).read_text()).get("family", "")
+    except (OSError, json.JSONDecodeError):
+        family = None  # the base class reports what is wrong with the folder
+    cls = get_family(family) if family else GenerativeModel
+    return cls.from_pretrained(model_dir, map_location=device).to(device).eval()
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     import genlab.sampling.diffusion  # noqa: F401  (registers the samplers)
     from genlab.eval.features import get_feature_network
     from genlab.eval.likelihood import nll_bits_per_dim
     from genlab.eval.reference import all_images, load_images, reference_features
     from genlab.eval.report import IMAGE_METRICS, metrics_from_features, parse_metrics, sample_images, write_report
-    from genlab.models.base import GenerativeModel
     from genlab.registry import SAMPLERS
     from genlab.train import resolve_model_dir
 
@@ -91,12 +103,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     if data is None:
         raise GenlabError(f"{model_dir} has no run config.yaml naming its data; pass --data NAME")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GenerativeModel.from_pretrained(model_dir, map_location=device).to(device).eval()
+    model = _load_model(model_dir, device)
     out_dir = Path(args.out) if args.out else (model_dir.parent / "eval" if (model_dir.parent / "config.yaml")
                                                .is_file() else Path(f"eval-{model_dir.name}"))
     result: dict[str, Any] = {"model": str(args.target), "family": model.family, "data": data}
     images = None
     image_metrics = [m for m in metrics if m in IMAGE_METRICS]
+    if image_metrics and getattr(model, "tokenizer", None) is not None:
+        raise GenlabError(f"{','.join(image_metrics)} measure images; for a language model use --metrics nll")
     if image_metrics:
         fnet = get_feature_network(data)
         ref = reference_features(fnet, data, args.split)
@@ -112,7 +126,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         feats, logits = fnet.embed(images, with_logits="is" in image_metrics)
         result |= metrics_from_features(ref, feats, logits, image_metrics, kid_subsets=args.kid_subsets,
                                         kid_subset_size=args.kid_subset_size, seed=args.seed)
-    if "nll" in metrics:
+    if "nll" in metrics and getattr(model, "tokenizer", None) is not None:
+        result |= _perplexity(model, data, args.split, args.nll_n, device)
+    elif "nll" in metrics:
         test = load_images(data, args.split)
         x = all_images(test)[: args.nll_n].to(device)
         g = torch.Generator().manual_seed(args.seed)
@@ -129,7 +145,24 @@ def _evaluate(args: argparse.Namespace) -> int:
         images = images[:100]
     paths = write_report(result, out_dir, images, nrow=nrow)
     shown = {k: v for k, v in result.items() if k in ("fid", "kid", "kid_se", "is", "precision", "recall",
-                                                        "density", "coverage", "bits_per_dim")}
+                                                        "density", "coverage", "bits_per_dim", "perplexity")}
     print(json.dumps(shown))
     print(f"wrote {paths['json']} and {paths['md']}")
     return 0
+
+
+def _perplexity(model: Any, data: str, split: str, max_blocks: int, device: str) -> dict[str, Any]:
+    """Perplexity of a language model on non-overlapping `block_size + 1` token windows of a text split."""
+    from genlab.data import TextDataset, load_dataset
+    from genlab.eval.likelihood import perplexity
+    from genlab.models.gpt import encode_text
+
+    ds = load_dataset(data, split=split)
+    if not isinstance(ds, TextDataset):
+        raise GenlabError(f"dataset {data!r} is not text: a language model is evaluated on a text split")
+    ids = encode_text(model.tokenizer, ds.text)
+    L = model.config.block_size + 1
+    blocks = ids[: (len(ids) // L) * L].view(-1, L)[:max_blocks].to(device)
+    if len(blocks) == 0:
+        raise GenlabError(f"the {split} split has fewer than {L} tokens; evaluate on more text")
+    return {**perplexity(model, blocks), "nll_method": "exact (autoregressive)", "nll_n": len(blocks)}

@@ -167,7 +167,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, images: Tensor | N
     rows = [("FID", "fid", None), ("KID", "kid", "kid_se"), ("Inception-style score", "is", "is_std"),
             ("precision (k=3)", "precision", None), ("recall (k=3)", "recall", None),
             ("density (k=5)", "density", None), ("coverage (k=5)", "coverage", None),
-            ("NLL (bits/dim)", "bits_per_dim", "bits_per_dim_se")]
+            ("NLL (bits/dim)", "bits_per_dim", "bits_per_dim_se"), ("perplexity", "perplexity", None),
+            ("NLL (nats/token)", "nll_per_token", None)]
     table = [(label, result[k], result.get(err)) for label, k, err in rows if k in result]
     if table:
         lines += ["| metric | value | ± |", "|---|---|---|"]
