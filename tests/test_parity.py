@@ -140,11 +140,14 @@ STOCHASTIC_CASES = [
      {"algorithm_type": "sde-dpmsolver++", "timestep_spacing": "trailing"}, "trailing", True, {}),
     ("dpm_2_ancestral", {}, "KDPM2AncestralDiscreteScheduler", {"timestep_spacing": "trailing"}, "trailing", False,
      {}),
+    ("dpmpp_2m_sde", {"solver_type": "heun"}, "DPMSolverMultistepScheduler",
+     {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun", "use_karras_sigmas": True}, "karras", True, {}),
 ]
 # Not parity targets (checked on Gaussian data in test_solvers.py): dpmpp_sde (diffusers' DPMSolverSDE needs
 # torchsde's Brownian tree), dpmpp_3m_sde (diffusers' third-order sde-dpmsolver++ weights D2 by
 # (1 - e^{-2h} - 2h) / (2h)^2 - 0.5, which tends to -1 as h -> 0; k-diffusion's -phi_3(2h) tends to 0) and
-# churn (diffusers' Euler evaluates the network before the churn noise, not at sigma_hat).
+# churn (diffusers' Euler evaluates the network before the churn noise, not at sigma_hat), and dpm_2_ancestral with
+# Karras sigmas (diffusers' KDPM2Ancestral then puts its midpoint at the next sigma, not at the log-midpoint).
 
 
 def _ids(cases):
