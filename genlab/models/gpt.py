@@ -126,7 +126,8 @@ class GPT(GenerativeModel):
             cos_t, sin_t = self._rope(int(positions.max()) + 1)
             cos, sin = cos_t[positions][:, :, None, :], sin_t[positions][:, :, None, :]
         mask = attention_mask(key_mask, T, past, idx.device)
-        x = self.drop(self.tok_emb(idx))
+        x = self.tok_emb(idx)
+        x = self.drop(x) if self.training else x
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:

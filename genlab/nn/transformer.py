@@ -20,8 +20,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        if x.dtype != torch.float32:  # normalize in float32, as Llama does
+            return self.weight * self._norm(x.float()).to(x.dtype)
+        return self.weight * self._norm(x)
+
+    def _norm(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -107,11 +111,12 @@ class Attention(nn.Module):
 def _decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, n_kv_head: int) -> Tensor:
     """softmax(q k^T / sqrt(d)) v for one query per row; query heads grouped over their shared KV head."""
     B, H, _, D = q.shape
-    qg = q.view(B, n_kv_head, H // n_kv_head, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * D**-0.5
+    G, Tk = H // n_kv_head, k.shape[2]
+    qg = q.reshape(B * n_kv_head, G, D)
+    scores = torch.bmm(qg, k.reshape(B * n_kv_head, Tk, D).transpose(1, 2)).mul_(D**-0.5)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1), v).view(B, H, 1, D)
+        scores = scores.view(B, n_kv_head, G, Tk).masked_fill(~mask, float("-inf")).view(B * n_kv_head, G, Tk)
+    return torch.bmm(scores.softmax(-1), v.reshape(B * n_kv_head, Tk, D)).view(B, H, 1, D)
 
 
 class SwiGLU(nn.Module):
@@ -140,8 +145,10 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: KVCache | None,
                 layer: int) -> Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), cos, sin, mask, cache, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        h = self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+        x = x + (self.drop(h) if self.training else h)
+        h = self.mlp(self.mlp_norm(x))
+        return x + (self.drop(h) if self.training else h)
 
 
 def attention_mask(key_mask: Tensor | None, q_len: int, past: int, device: torch.device | str = "cpu"
