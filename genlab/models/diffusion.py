@@ -40,7 +40,7 @@ from genlab.sampling.controls import (
     paste,
     sample_repaint,
 )
-from genlab.sampling.diffusion import Denoiser, Generators, classifier_free_guidance, default_noise_sampler, randn
+from genlab.sampling.diffusion import Denoiser, Generators, classifier_free_guidance, randn
 from genlab.sampling.schedules import (
     BETA_SCHEDULES,
     ZERO_SNR_ALPHA_BAR,
@@ -54,7 +54,7 @@ from genlab.sampling.schedules import (
     sigma_from_alpha_bar,
     sigma_to_t,
 )
-from genlab.sampling.solvers import sampler_options
+from genlab.sampling.solvers import noise_sampler_for, sampler_options
 from genlab.train.checkpoint import resolve_model_dir
 
 MAX_SAMPLES = 10_000
@@ -361,7 +361,7 @@ class DiffusionModel(GenerativeModel):
             mask_x = self._model_space_mask(mask, n)
             if repaint_jumps <= 1:
                 denoiser = inpaint_denoiser(denoiser, init_x, mask_x, noise)
-        noise_sampler = default_noise_sampler(x, generator)
+        noise_sampler = noise_sampler_for(sampler, x, generator)
         was_training = self.training
         self.eval()
         try:

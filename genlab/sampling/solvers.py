@@ -100,6 +100,15 @@ class BrownianNoiseSampler:
         return (self.w(t1) - self.w(t0)) / math.sqrt(abs(t1 - t0))
 
 
+BROWNIAN_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
+
+
+def noise_sampler_for(name: str, x: Tensor, generator: Generators = None) -> NoiseSampler:
+    """The noise a sampler draws by default: one Brownian path for the SDE solvers (as k-diffusion), independent
+    N(0, I) draws per step otherwise; `generator` may be a list (one per image)."""
+    return BrownianNoiseSampler(x, generator) if name in BROWNIAN_SAMPLERS else default_noise_sampler(x, generator)
+
+
 def _churn(x: Tensor, sigma: Tensor, steps: int, s_churn: float, s_tmin: float, s_tmax: float, s_noise: float,
            noise_sampler: NoiseSampler) -> tuple[Tensor, Tensor]:
     """Raise sigma to sigma_hat = (1 + gamma) sigma by adding noise (Karras et al. 2022, alg. 2 lines 4-6)."""
@@ -287,8 +296,8 @@ def sample_dpmpp_2m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Any
                         progress: bool = False) -> Tensor:
     """SDE-DPM-Solver++(2M) (Lu et al. 2022b, app. D; k-diffusion's dpmpp_2m_sde); eta = 0 is the ODE solver."""
     if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type={solver_type!r}; use midpoint or heun")
-    noise_sampler = noise_sampler or default_noise_sampler(x)
+        raise GenlabError(f"solver_type={solver_type!r}; use midpoint or heun")
+    noise_sampler = noise_sampler or BrownianNoiseSampler(x)
     s_in = x.new_ones(x.shape[0])
     old_denoised, h_last = None, None
     for i in _steps(sigmas, progress, "dpmpp_2m_sde"):
@@ -321,7 +330,7 @@ def sample_dpmpp_3m_sde(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Any
                         s_noise: float = 1.0, noise_sampler: NoiseSampler | None = None,
                         callback: Callback | None = None, progress: bool = False) -> Tensor:
     """SDE-DPM-Solver++(3M) (Lu et al. 2022b, eq. 14 with three past outputs; k-diffusion's dpmpp_3m_sde)."""
-    noise_sampler = noise_sampler or default_noise_sampler(x)
+    noise_sampler = noise_sampler or BrownianNoiseSampler(x)
     s_in = x.new_ones(x.shape[0])
     denoised_1, denoised_2, h_1, h_2 = None, None, None, None
     for i in _steps(sigmas, progress, "dpmpp_3m_sde"):
@@ -409,7 +418,7 @@ def sample_unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Any = None
     """UniPC-bh2 with data prediction: UniP predictor of `order`, UniC corrector after every model call but the
     last (Zhao et al. 2023, alg. 2-3), warm-up and final steps at lower order as diffusers' UniPCMultistep."""
     if order < 1:
-        raise ValueError(f"order={order} must be at least 1")
+        raise GenlabError(f"order={order} must be at least 1")
     s_in = x.new_ones(x.shape[0])
     lambdas = -sigmas.log()
     n = len(sigmas) - 1
