@@ -109,6 +109,8 @@ class GenerativeModel(nn.Module):
         family_cls = get_family(meta.get("family", ""))
         if cls is not GenerativeModel and not issubclass(family_cls, cls):
             raise GenlabError(f"{d} holds a {meta.get('family')} model, not a {cls.family} model")
+        if cls is not family_cls and "from_pretrained" in vars(family_cls):
+            return family_cls.from_pretrained(d, map_location)  # the family reads its own extras (tokenizer.json)
         config = from_dict(family_cls.config_class, meta.get("config", {}), prefix="model.")
         model = family_cls(config)
         state = load_weights(d / WEIGHTS_NAME, map_location)
