@@ -159,14 +159,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
-        raise GenlabError(f"config key {key!r} must be a string, got {value!r}")
+        hint = " (YAML reads bare yes/no/on/off as booleans: quote the value)" if isinstance(value, bool) else ""
+        raise GenlabError(f"config key {key!r} must be a string, got {value!r}{hint}")
     raise GenlabError(f"config key {key!r} has unsupported type {_type_name(tp)}")
 
 
 def _unknown_key(key: str, valid: list[str], prefix: str) -> GenlabError:
     close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean {prefix}{close[0]!r}?)" if close else ""
-    return GenlabError(f"unknown config key {prefix}{key!r}{hint}; valid keys: {', '.join(valid)}")
+    hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+    return GenlabError(f"unknown config key {prefix + key!r}{hint}; valid keys: {', '.join(valid)}")
 
 
 def from_dict(cls: type[C], d: dict[str, Any], prefix: str = "") -> C:

@@ -20,7 +20,7 @@ def test_unknown_key_names_key_and_choices() -> None:
 def test_nested_unknown_key_is_dotted(tmp_path: Path) -> None:
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  lr: 0.1\n  warmpu_steps: 3\n")
-    with pytest.raises(GenlabError, match=r"train\.'warmpu_steps'"):
+    with pytest.raises(GenlabError, match=r"'train\.warmpu_steps'"):
         load_run_config(str(p))
 
 
