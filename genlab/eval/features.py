@@ -1,12 +1,13 @@
 """Feature networks trained by genlab: the embedding every sample-quality metric is computed in.
 
 No Inception weights exist offline, so each dataset gets its own network, trained on its train split
-and cached under `$GENLAB_CACHE/features/<dataset>-<hash>/` (safetensors + json). The hash covers the
+and cached under `$GENLAB_CACHE/features/<dataset>-<size>-<hash>/` (safetensors + json). The hash covers the
 data bytes and the recipe (hyperparameters + `RECIPE_VERSION`), so a metric that names the hash can
 only be compared with metrics computed in the very same features.
 
 - labelled data (MNIST digits, emoji categories): a small CNN classifier; `features` is its penultimate
-  layer (before the ReLU), `logits` its output (used by the Inception-style score);
+  layer (before the ReLU), centred and scaled to unit mean variance on the train split, `logits` its output
+  (used by the Inception-style score);
 - unlabelled images: a contrastive encoder (SimCLR, Chen et al. 2020, NT-Xent loss eq. 1) of the same trunk.
 """
 
