@@ -108,6 +108,7 @@ class FeatureNetwork(nn.Module):
         self.net = net.eval().requires_grad_(False)
         self.meta = meta
         self.num_features: int = meta["feature_dim"]
+        self.weights_digest = weights_digest(net)
 
     @property
     def name(self) -> str:
@@ -124,7 +125,7 @@ class FeatureNetwork(nn.Module):
     def describe(self) -> dict[str, Any]:
         """What a metric result records about the features it was computed in."""
         keys = ("kind", "dataset", "hash", "image_size", "channels", "feature_dim", "test_accuracy", "recipe_version")
-        return {"name": self.name, **{k: self.meta.get(k) for k in keys}}
+        return {"name": self.name, **{k: self.meta.get(k) for k in keys}, "weights": self.weights_digest}
 
     def preprocess(self, x: Tensor) -> Tensor:
         """Check channels and value range, resize to the network's side."""
@@ -174,6 +175,16 @@ class FeatureNetwork(nn.Module):
         """Predicted class index of each image (long)."""
         return torch.cat([self.logits(images[i : i + batch_size]).argmax(-1) for i in range(0, len(images),
                                                                                              batch_size)])
+
+
+def weights_digest(net: nn.Module) -> str:
+    """sha256 (16 hex digits) of the network's tensors: the same recipe trained on another machine may differ in
+    the last bits, and this says whether two results used the very same weights."""
+    h = hashlib.sha256()
+    for k, v in sorted(net.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def cache_dir() -> Path:

@@ -156,7 +156,7 @@ def write_report(result: dict[str, Any], out_dir: str | Path, images: Tensor | N
     f = result.get("features")
     if f:
         acc = f.get("test_accuracy")
-        lines += [f"Features: `{f['name']}` (hash `{f['hash']}`, {f['feature_dim']}-d"
+        lines += [f"Features: `{f['name']}` (hash `{f['hash']}`, weights `{f.get('weights')}`, {f['feature_dim']}-d"
                   + (f", test accuracy {acc:.2%})" if acc is not None else ")"), ""]
     ref = result.get("reference")
     if ref:
