@@ -57,6 +57,7 @@ def test_cache_round_trip_gives_identical_features(tmp_path, kind):
     x = ds.get_batch(torch.arange(10))["x"]
     torch.testing.assert_close(loaded.features(x), net.eval().features(x), rtol=1e-5, atol=1e-6)
     assert loaded.features(x).shape == (10, 8) and loaded.num_features == 8
+    assert loaded.describe()["weights"] == F.weights_digest(net) != F.weights_digest(F._build(meta))
     if kind == "classifier":
         assert 0.0 <= loaded.test_accuracy <= 1.0
 
