@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from scipy import stats
+from test_solvers import one_thread  # noqa: F401
 
 import genlab.sampling.solvers  # noqa: F401  (registers the samplers)
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel

@@ -11,6 +11,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from test_parity import SHAPE, _run_diffusers, _run_genlab, _scheduler, model  # noqa: E402,F401
+from test_solvers import one_thread  # noqa: E402,F401
 
 from genlab.errors import GenlabError  # noqa: E402
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel  # noqa: E402
