@@ -1,7 +1,7 @@
 """Sample quality vs steps for each sampler on one class-conditional MNIST diffusion checkpoint.
 
     python benchmarks/sampler_sweep.py MODEL_OR_RUN [--samplers ddim,euler,heun,dpmpp_2m,unipc,ddpm]
-        [--steps 5,10,20,50,250] [--n 500] [--cfg 1.0] [--spacing trailing] [--out DIR] [--quick]
+        [--steps 5,10,20,50,250] [--n 500] [--cfg 1.0] [--spacing trailing | --schedule karras] [--out DIR] [--quick]
 
 Every (sampler, steps) cell draws the same `n` images (image i: seed + i, label i mod 10) and is scored in genlab's
 MNIST feature network against the test split: FID (biased at small n, but every cell has the same n), KID (unbiased)
@@ -41,7 +41,7 @@ def _ints(spec: str) -> list[int]:
 
 
 def run_cell(model: GenerativeModel, fnet, ref, sampler: str, steps: int, n: int, seed: int, cfg: float,
-             spacing: str, batch_size: int) -> dict:
+             spacing: str, schedule: str | None, batch_size: int) -> dict:
     """Sample n labelled images with one sampler / step count and score them."""
     labels = torch.arange(n) % model.num_classes
     calls = [0]
@@ -49,7 +49,7 @@ def run_cell(model: GenerativeModel, fnet, ref, sampler: str, steps: int, n: int
     t0 = time.perf_counter()
     try:
         images = sample_images(model.sample, n, seed, batch_size=batch_size, cond=labels, sampler=sampler,
-                               steps=steps, cfg=cfg, spacing=spacing)
+                               steps=steps, cfg=cfg, spacing=spacing, schedule=schedule)
     finally:
         hook.remove()
     seconds = time.perf_counter() - t0
@@ -117,6 +117,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=500, help="images per cell")
     p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (1 = conditional model, no guidance)")
     p.add_argument("--spacing", default="trailing", help="timestep spacing of the discrete schedule")
+    p.add_argument("--schedule", default=None, help="a sigma schedule instead of the spacing (karras, exponential)")
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/sampler-sweep")
@@ -139,10 +140,11 @@ def main() -> None:
         cells = []
         for sampler, k in tqdm(grid, desc="sampler sweep", unit="cell"):
             cells.append(run_cell(model, fnet, ref, sampler, k, n, args.seed, args.cfg, args.spacing,
-                                  args.batch_size))
+                                  args.schedule, args.batch_size))
             tqdm.write(json.dumps(cells[-1]), file=sys.stderr)
             (out / "sweep.json").write_text(json.dumps({"model": str(args.model), "cfg": args.cfg,
-                                                        "spacing": args.spacing, "cells": cells}, indent=1))
+                                                        "spacing": args.spacing,
+                                                        "schedule": args.schedule, "cells": cells}, indent=1))
         (out / "sweep.md").write_text(table(cells))
         plot(cells, out / "sweep.png")
         print(json.dumps({"benchmark": "sampler_sweep", "cells": len(cells), **summary(cells)}))
