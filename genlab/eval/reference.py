@@ -42,6 +42,7 @@ def load_images(data: DataConfig | str, split: str, image_size: int | None = Non
     cfg = DataConfig(name=data) if isinstance(data, str) else DataConfig(**asdict(data))
     if image_size is not None:
         cfg.image_size = image_size
+    cfg.max_items = None  # a reference is always the whole split (a run's quick `max_items` must not shrink it)
     ds = load_dataset(cfg, split=split)
     if not isinstance(ds, ImageDataset):
         raise GenlabError(f"dataset {cfg.name!r} is text: image metrics need an image dataset")
