@@ -55,6 +55,8 @@ def test_reference_features_are_cached_and_identical(tiny_fnet, tmp_path):
 
 def test_training_evaluator_is_deterministic_and_plots(tiny_fnet, tmp_path):
     class Noise:
+        family = "diffusion"  # takes one generator per image
+
         def sample(self, n, cond=None, generator=None, **opts):
             return torch.stack([torch.rand(1, 28, 28, generator=g) for g in generator]) * 2 - 1
 

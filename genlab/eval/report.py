@@ -99,7 +99,8 @@ def make_training_evaluator(data: DataConfig | str, n: int = 500, split: str = "
             model.eval()
         try:
             with torch.no_grad():
-                x = sample_images(model.sample, n, seed, **sample_opts)
+                per_item = getattr(model, "family", None) == "diffusion"  # families taking a generator per image
+                x = sample_images(model.sample, n, seed, per_item_seeds=per_item, **sample_opts)
         finally:
             if was_training:
                 model.train()
