@@ -20,7 +20,7 @@ from genlab.config import from_dict
 from genlab.data.tokenizer import TOKENIZER_NAME, Tokenizer, train_tokenizer
 from genlab.errors import GenlabError
 from genlab.models.base import CONFIG_NAME, WEIGHTS_NAME, GenerativeModel, ModelConfig, load_weights
-from genlab.nn.transformer import Block, KVCache, RMSNorm, attention_mask, rope_tables
+from genlab.nn.transformer import Block, KVCache, RMSNorm, _decode_attention, apply_rope, attention_mask, rope_tables
 from genlab.registry import MODELS
 
 
@@ -126,6 +126,9 @@ class GPT(GenerativeModel):
             cos_t, sin_t = self._rope(int(positions.max()) + 1)
             cos, sin = cos_t[positions][:, :, None, :], sin_t[positions][:, :, None, :]
         mask = attention_mask(key_mask, T, past, idx.device)
+        if T == 1 and cache is not None and not (self.training and torch.is_grad_enabled()):
+            return self._decode_step(idx, cache, cos.reshape(-1, 1, self.head_dim),
+                                     sin.reshape(-1, 1, self.head_dim), mask)
         x = self.tok_emb(idx)
         x = self.drop(x) if self.training else x
         for i, block in enumerate(self.blocks):
@@ -135,6 +138,46 @@ class GPT(GenerativeModel):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    def _decode_matmuls(self) -> list[Any]:
+        """Per block (wqkv, wo, w13, w2), then lm_head: a function x (B, in) -> (B, out) for each projection.
+
+        A plain float nn.Linear that widens (out > in) multiplies a contiguous (in, out) copy of its weight, which
+        takes MKL's faster path for a few rows (about 1.5x on one token); the copies are rebuilt whenever a
+        weight changes (its version counter). Any other layer (int8, adapters) is called as it is.
+        """
+        linears = [m for b in self.blocks for m in (b.attn.wqkv, b.attn.wo, b.mlp.w13, b.mlp.w2)] + [self.lm_head]
+        key = tuple((m.weight.data_ptr(), m.weight._version) if type(m) is nn.Linear else id(m) for m in linears)
+        if getattr(self, "_decode_key", None) != key:
+            fns = []
+            for m in linears:
+                if type(m) is nn.Linear and m.bias is None and m.out_features > m.in_features:
+                    w_t = m.weight.detach().t().contiguous()
+                    fns.append(lambda x, w_t=w_t: torch.mm(x, w_t))
+                else:
+                    fns.append(m)
+            self._decode_fns, self._decode_key = fns, key
+        return self._decode_fns
+
+    def _decode_step(self, idx: Tensor, cache: KVCache, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+        """`forward` for one new token per row (B, 1) with a KV cache: the same math on (B, C) rows, without
+        module calls, transposes or per-step allocations beyond the activations; logits (B, 1, V)."""
+        B = idx.shape[0]
+        H, Hkv, D = self.config.n_head, self.n_kv_head, self.head_dim
+        fns = self._decode_matmuls()
+        past = cache.length
+        x = self.tok_emb(idx.view(B))
+        for i, block in enumerate(self.blocks):
+            wqkv, wo, w13, w2 = fns[4 * i: 4 * i + 4]
+            qkv = wqkv(block.attn_norm(x)).view(B, H + 2 * Hkv, D)
+            qk = apply_rope(qkv[:, : H + Hkv], cos, sin)
+            k, v = cache.update(i, qk[:, H:, None], qkv[:, H + Hkv:, None])
+            y = _decode_attention(qk[:, :H, None], k, v, mask, Hkv)
+            x = x + wo(y.view(B, H * D))
+            gate, up = w13(block.mlp_norm(x)).chunk(2, dim=-1)
+            x = x + w2(F.silu(gate) * up)
+        cache.length = past + 1
+        return fns[-1](self.norm(x)).view(B, 1, -1)
 
     # -- losses and likelihood ----------------------------------------------------------
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:

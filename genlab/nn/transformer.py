@@ -21,11 +21,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dtype != torch.float32:  # normalize in float32, as Llama does
-            return self.weight * self._norm(x.float()).to(x.dtype)
-        return self.weight * self._norm(x)
-
-    def _norm(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+            return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel instead of six ops
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -51,7 +48,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
 class KVCache:
     """Preallocated keys and values (layers, batch, kv_heads, max_len, head_dim); `length` positions are filled.
 
-    Writes are in-place slice copies; rolling back (speculative decoding) is setting `length`.
+    Writes are in-place copies into `narrow` views; rolling back (speculative decoding) is setting `length`.
     """
 
     def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
@@ -64,10 +61,11 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, Hkv, T, D) after the filled positions; return all keys and values so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, T = self.length, k.shape[2]
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all.narrow(2, start, T).copy_(k)
+        v_all.narrow(2, start, T).copy_(v)
+        return k_all.narrow(2, 0, start + T), v_all.narrow(2, 0, start + T)
 
     def reorder(self, index: Tensor) -> None:
         """Keep batch rows `index` (beam search)."""
