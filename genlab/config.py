@@ -56,6 +56,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_last: int = 2
     eval_every: int = 0
+    eval_n: int = 0  # images generated for KID/FID at each evaluation (image families; 0: validation loss only)
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall-clock time
     compile: bool = False
     channels_last: bool = False

@@ -169,3 +169,20 @@ def test_cli_eval_of_a_language_model_reports_perplexity(tmp_path):
     vocab = model.config.vocab_size
     assert r["nll_n"] == 8 and r["tokens"] == 8 * 16 and 1 < r["perplexity"] < 3 * vocab  # untrained: near uniform
     assert main(["eval", str(model_dir), "--data", "fortunes", "--metrics", "fid"]) == 2
+
+
+def test_trainer_logs_kid_on_generated_samples_and_plots_it(tiny_fnet, tmp_path):
+    """`train.eval_every` + `train.eval_n`: KID/FID of fixed-seed samples land in metrics.jsonl and a plot."""
+    from genlab.config import load_run_config
+    from genlab.train import train
+
+    sets = ["family=diffusion", "data.max_items=32", "model.base_channels=8", "model.channel_mults=[1,2]",
+            "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.norm_groups=4", "model.head_channels=8",
+            "train.steps=4", "train.batch_size=8", "train.eval_every=2", "train.eval_n=8", "sample.steps=2",
+            "sample.n=4", f"out_dir={tmp_path}", "name=kid"]
+    run = train(load_run_config(None, sets))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "kid" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(np.isfinite(r["kid"]) and r["kid_se"] >= 0 and r["n_fake"] == 8 for r in evals)
+    assert (run / "samples" / "eval_metrics.png").is_file()

@@ -56,7 +56,7 @@ from genlab.train.schedule import SCHEDULES, make_schedulers
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # config keys that may change when a run is resumed: they steer bookkeeping, not the optimization
 RESUME_MAY_CHANGE = ("name", "out_dir", "train.max_minutes", "train.log_every", "train.sample_every",
-                     "train.eval_every", "train.ckpt_every", "train.keep_last", "sample.")
+                     "train.eval_every", "train.eval_n", "train.ckpt_every", "train.keep_last", "sample.")
 RUN_OUTPUTS = ("checkpoints", "samples", "model", "metrics.jsonl", "config.yaml")
 
 
@@ -139,7 +139,7 @@ def _check_train_config(t: Any) -> None:
     for key, v in positive.items():
         if v < 1:
             raise GenlabError(f"train.{key} must be at least 1, got {v}")
-    for key in ("warmup_steps", "sample_every", "ckpt_every", "eval_every", "seed"):
+    for key in ("warmup_steps", "sample_every", "ckpt_every", "eval_every", "eval_n", "seed"):
         if getattr(t, key) < 0:
             raise GenlabError(f"train.{key} must be 0 or more, got {getattr(t, key)}")
     if not 0.0 <= t.ema_decay < 1.0:
@@ -198,6 +198,7 @@ class Trainer:
         if len(self.data) == 0:
             raise GenlabError(f"dataset {cfg.data.name!r} has no training items")
         self.val_data = self._validation_data()
+        self.evaluator = self._sample_evaluator()
         self.resolved = to_dict(cfg)
         self.resolved["model"] = to_dict(self.model.config)
 
@@ -240,6 +241,15 @@ class Trainer:
             return self.model.prepare_data(load_dataset(self.cfg.data, split="test"))
         except GenlabError:
             return None
+
+    def _sample_evaluator(self) -> Callable[[Any, int], dict[str, float]] | None:
+        """KID/FID of `train.eval_n` samples against the test split, on fixed seeds (image datasets only)."""
+        t, s = self.cfg.train, self.cfg.sample
+        if not (t.eval_n and t.eval_every and self.is_main and self.val_data is not None):
+            return None
+        from genlab.eval.report import make_training_evaluator
+
+        return make_training_evaluator(self.cfg.data, n=t.eval_n, sampler=s.sampler, steps=s.steps, cfg=s.cfg)
 
     def _start(self, resume: bool) -> bool:
         """Resume from the newest good checkpoint (True), or start the run folder afresh (False)."""
@@ -473,9 +483,15 @@ class Trainer:
             return
         with self._ema_eval():
             metrics = self.model.validation_metrics(self.val_data)
+            if self.evaluator is not None:
+                metrics |= self.evaluator(self.model, self.step)
         if metrics:
             self._write_metrics({"split": "val", **{k: float(v) for k, v in metrics.items()}})
             self.log(f"step {self.step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
+        if self.evaluator is not None:
+            from genlab.eval.report import plot_eval_metrics
+
+            plot_eval_metrics(self.metrics_path, self.samples_dir / "eval_metrics.png")
 
     def _preview(self) -> None:
         if not self.is_main:
