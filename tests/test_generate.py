@@ -39,6 +39,20 @@ def test_kv_cache_equals_full_recomputation(n_kv_head):
     torch.testing.assert_close(torch.cat(chunks, 1), full, atol=1e-5, rtol=0)
 
 
+def test_one_token_steps_follow_in_place_weight_updates():
+    """The decode path keeps (in, out) weight copies; an optimizer-style in-place update must reach them."""
+    model = tiny_gpt(std=0.1)
+    x = torch.randint(0, model.config.vocab_size, (2, 6))
+    with torch.no_grad():
+        model(x[:, :1], model.new_cache(2, 6))  # builds the copies
+        for p in model.parameters():
+            p.mul_(1.5)
+        full = model(x)
+        cache = model.new_cache(2, 6)
+        steps = torch.cat([model(x[:, t: t + 1], cache) for t in range(6)], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=0)
+
+
 def test_greedy_generation_equals_recomputing_the_whole_sequence_each_step():
     model = tiny_gpt()
     prompt = model.tokenizer.encode("the fox", bos=True)
