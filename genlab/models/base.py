@@ -96,23 +96,16 @@ class GenerativeModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:
         """Load a model folder; when called on the base class the family is read from config.json."""
-        d = Path(directory)
-        cfg_path = d / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise GenlabError(f"{d} is not a model folder: it has no {CONFIG_NAME}")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise GenlabError(f"{cfg_path} is not valid JSON ({e.msg}): re-export the model") from None
+        d, meta = read_model_meta(directory)
         from genlab.models import get_family
 
         family_cls = get_family(meta.get("family", ""))
         if cls is not GenerativeModel and not issubclass(family_cls, cls):
             raise GenlabError(f"{d} holds a {meta.get('family')} model, not a {cls.family} model")
         if cls is not family_cls and "from_pretrained" in vars(family_cls):
-            return family_cls.from_pretrained(d, map_location)  # the family reads its own extras (tokenizer.json)
+            return family_cls.from_pretrained(d, map_location)  # the family reads folders of its own kinds
         config = from_dict(family_cls.config_class, meta.get("config", {}), prefix="model.")
-        model = family_cls(config)
+        model = family_cls.from_folder_config(config, d)
         state = load_weights(d / WEIGHTS_NAME, map_location)
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -120,7 +113,24 @@ class GenerativeModel(nn.Module):
                 f"{d / WEIGHTS_NAME} does not fit its config: {len(missing)} missing and "
                 f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[0]})"
             )
-        return model
+        return model.to(map_location)
+
+    @classmethod
+    def from_folder_config(cls, config: Any, directory: Path) -> GenerativeModel:
+        """The untrained model of a folder's config; a family reads its extra files here (e.g. tokenizer.json)."""
+        return cls(config)
+
+
+def read_model_meta(directory: str | Path) -> tuple[Path, dict[str, Any]]:
+    """A model folder's path and its parsed config.json, with one-line errors for a missing or broken file."""
+    d = Path(directory)
+    cfg_path = d / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise GenlabError(f"{d} is not a model folder: it has no {CONFIG_NAME}")
+    try:
+        return d, json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise GenlabError(f"{cfg_path} is not valid JSON ({e.msg}): re-export the model") from None
 
 
 def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:

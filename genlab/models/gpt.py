@@ -6,7 +6,6 @@ by `build` (or read from `tokenizer_file` / `init_from`) and travels with the mo
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genlab.config import from_dict
 from genlab.data.tokenizer import TOKENIZER_NAME, Tokenizer, train_tokenizer
 from genlab.errors import GenlabError
-from genlab.models.base import CONFIG_NAME, WEIGHTS_NAME, GenerativeModel, ModelConfig, load_weights
+from genlab.models.base import GenerativeModel, ModelConfig, read_model_meta
 from genlab.nn.transformer import Block, KVCache, RMSNorm, _decode_attention, apply_rope, attention_mask, rope_tables
 from genlab.registry import MODELS
 
@@ -281,28 +279,17 @@ class GPT(GenerativeModel):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GPT:
         """A genlab GPT folder, or a Hugging Face Llama folder (as written by `genlab export --to hf`)."""
-        d = Path(directory)
-        cfg_path = d / CONFIG_NAME
-        if not cfg_path.is_file():
-            raise GenlabError(f"{d} is not a model folder: it has no {CONFIG_NAME}")
-        try:
-            meta = json.loads(cfg_path.read_text())
-        except json.JSONDecodeError as e:
-            raise GenlabError(f"{cfg_path} is not valid JSON ({e.msg})") from None
+        d, meta = read_model_meta(directory)
         if meta.get("model_type") == "llama":
             from genlab.models.hf_export import load_hf
 
             return load_hf(d, map_location)
-        if meta.get("family") != cls.family:
-            raise GenlabError(f"{d} holds a {meta.get('family')!r} model, not a gpt language model")
-        config = from_dict(GPTConfig, meta.get("config", {}), prefix="model.")
-        model = cls(config, tokenizer=Tokenizer.from_file(d / TOKENIZER_NAME))
-        state = load_weights(d / WEIGHTS_NAME, map_location)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise GenlabError(f"{d / WEIGHTS_NAME} does not fit its config: {len(missing)} missing and "
-                              f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[0]})")
-        return model.to(map_location)
+        return super().from_pretrained(d, map_location)
+
+    @classmethod
+    def from_folder_config(cls, config: GPTConfig, directory: Path) -> GPT:
+        """The model with the folder's tokenizer.json."""
+        return cls(config, tokenizer=Tokenizer.from_file(directory / TOKENIZER_NAME))
 
     def _require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
