@@ -16,13 +16,7 @@ from genlab.models.gpt import GPT, GPTConfig
 TEXT = "the quick brown fox jumps over the lazy dog.\n" * 40 + "pack my box with five dozen liquor jugs!\n" * 40
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other tests for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt(vocab_size: int | None = None, seed: int = 0, std: float = 0.3, **kw) -> GPT:

@@ -39,15 +39,8 @@ class GaussianEpsNet(torch.nn.Module):
         eps_exact = (1 - alpha_bar).sqrt() * x / (alpha_bar * self.s**2 + 1 - alpha_bar)
         return eps_exact + self.scale * self.unet(x, t, y)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def model() -> DiffusionModel:

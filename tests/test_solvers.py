@@ -31,15 +31,8 @@ SIGMA_MIN, SIGMA_MAX = 0.01, 20.0
 ALL_SAMPLERS = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde",
                 "dpmpp_3m_sde", "dpmpp_sde", "unipc", "ddim", "ddpm")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def gaussian_denoiser(mu: float = MU, s: float = S):
     """The exact denoiser E[x0 | x] of N(mu, s^2) data under x = x0 + sigma * eps."""

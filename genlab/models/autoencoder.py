@@ -11,7 +11,6 @@ training data (`latent_scaling_factor`, Rombach et al. 2022, app. G "scale facto
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError
-from genlab.models.base import GenerativeModel, ModelConfig
+from genlab.models.base import GenerativeModel, ModelConfig, with_image_shape
 from genlab.nn.attention import SelfAttention2d
 from genlab.nn.discriminator import PatchDiscriminator, hinge_d_loss
 from genlab.nn.resnet import Downsample, Upsample
@@ -197,15 +196,7 @@ class AutoencoderKL(GenerativeModel):
     @classmethod
     def build(cls, config: AutoencoderConfig, dataset: Any) -> AutoencoderKL:
         """Fill image_size and channels from `dataset.info` where the config leaves them at 0."""
-        info = dataset.info
-        if info.kind != "image":
-            raise GenlabError(f"the autoencoder_kl family needs an image dataset; {info.name!r} is {info.kind}")
-        for key in ("image_size", "channels"):
-            ours, theirs = getattr(config, key), getattr(info, key)
-            if ours and ours != theirs:
-                raise GenlabError(f"model.{key}={ours} but dataset {info.name!r} has {theirs}; drop the key "
-                                  f"or set data.image_size")
-        return cls(dataclasses.replace(config, image_size=info.image_size, channels=info.channels))
+        return cls(with_image_shape(config, dataset, cls.family))
 
     # -- the two halves ---------------------------------------------------------------------
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +120,19 @@ class GenerativeModel(nn.Module):
     def from_folder_config(cls, config: Any, directory: Path) -> GenerativeModel:
         """The untrained model of a folder's config; a family reads its extra files here (e.g. tokenizer.json)."""
         return cls(config)
+
+
+def with_image_shape(config: Any, dataset: Any, family: str) -> Any:
+    """`config` with image_size and channels taken from an image dataset (a key already set must agree)."""
+    info = dataset.info
+    if info.kind != "image":
+        raise GenlabError(f"the {family} family needs an image dataset; {info.name!r} is {info.kind}")
+    for key in ("image_size", "channels"):
+        ours, theirs = getattr(config, key), getattr(info, key)
+        if ours and ours != theirs:
+            raise GenlabError(f"model.{key}={ours} but dataset {info.name!r} has {theirs}; drop the key "
+                              f"or set data.image_size")
+    return dataclasses.replace(config, image_size=info.image_size, channels=info.channels)
 
 
 def read_model_meta(directory: str | Path) -> tuple[Path, dict[str, Any]]:

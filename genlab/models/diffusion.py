@@ -19,7 +19,7 @@ from genlab.config import from_dict, to_dict
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError
 from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL, encode_dataset, latent_scaling_factor
-from genlab.models.base import GenerativeModel, ModelConfig
+from genlab.models.base import GenerativeModel, ModelConfig, with_image_shape
 from genlab.models.parameterization import (
     PRECONDITIONINGS,
     PREDICTIONS,
@@ -190,17 +190,8 @@ class DiffusionModel(GenerativeModel):
     @classmethod
     def build(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
         """Fill image_size, channels and num_classes from `dataset.info` where the config leaves them at 0."""
-        info = dataset.info
-        if info.kind != "image":
-            raise GenlabError(f"the diffusion family needs an image dataset; {info.name!r} is {info.kind}")
-        for key in ("image_size", "channels"):
-            ours, theirs = getattr(config, key), getattr(info, key)
-            if ours and ours != theirs:
-                raise GenlabError(f"model.{key}={ours} but dataset {info.name!r} has {theirs}; drop the key "
-                                  f"or set data.image_size")
-        num_classes = config.num_classes or (info.num_classes if config.class_cond else 0)
-        config = dataclasses.replace(config, image_size=info.image_size, channels=info.channels,
-                                     num_classes=num_classes)
+        num_classes = config.num_classes or (dataset.info.num_classes if config.class_cond else 0)
+        config = dataclasses.replace(with_image_shape(config, dataset, cls.family), num_classes=num_classes)
         return cls._with_autoencoder(config, dataset) if config.autoencoder else cls(config)
 
     @classmethod
