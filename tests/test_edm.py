@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 from scipy import stats
-from test_solvers import one_thread  # noqa: F401
 
 import genlab.sampling.solvers  # noqa: F401  (registers the samplers)
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.models.parameterization import edm_loss_weight, edm_scalings, edm_training_sigmas
 from genlab.registry import SAMPLERS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIGMA_DATA = 0.5
 TINY = dict(image_size=8, channels=1, class_cond=False, base_channels=8, channel_mults=(1,), num_res_blocks=1,

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_gpt import one_thread, tiny_gpt  # noqa: F401
+from test_gpt import tiny_gpt
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from genlab.adapt.sft import apply_chat_template, encode_chat
 from genlab.models.gpt import GPT
 from genlab.models.hf_export import export_hf
 from genlab.sampling.text import GenerationConfig, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the fox?"},
             {"role": "assistant", "content": "jumps over the dog"}, {"role": "user", "content": "and?"}]

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 import torch
-from test_gpt import one_thread, tiny_gpt  # noqa: F401
+from test_gpt import tiny_gpt
 from transformers.generation import logits_process as hf
 
 from genlab.errors import GenlabError
@@ -23,6 +23,8 @@ from genlab.sampling.text import (
     top_k_filter,
     top_p_filter,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 NEG = float("-inf")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from test_gpt import one_thread, tiny_gpt  # noqa: F401
+from test_gpt import tiny_gpt
 
 from genlab.nn.quant import Int8Linear, quantize_int8
 from genlab.sampling.text import GenerationConfig, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_int8_linear_error_is_within_the_rounding_bound():

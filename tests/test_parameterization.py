@@ -11,12 +11,13 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from test_parity import SHAPE, _run_diffusers, _run_genlab, _scheduler, model  # noqa: E402,F401
-from test_solvers import one_thread  # noqa: E402,F401
 
 from genlab.errors import GenlabError  # noqa: E402
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel  # noqa: E402
 from genlab.models.parameterization import denoised, min_snr_weight, vp_scalings, vp_target  # noqa: E402
 from genlab.sampling.schedules import ZERO_SNR_ALPHA_BAR, make_betas, rescale_zero_terminal_snr, t_to_sigma  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(image_size=8, channels=1, class_cond=False, base_channels=8, channel_mults=(1,), num_res_blocks=1,
             attention_resolutions=(), head_channels=8, norm_groups=4)

@@ -7,11 +7,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_gpt import dataset, one_thread, tiny_gpt  # noqa: F401
+from test_gpt import dataset, tiny_gpt  # noqa: F401
 
 from genlab.adapt.sft import ChatData, apply_chat_template, encode_chat, load_conversations
 from genlab.errors import GenlabError
 from genlab.models.gpt import GPT, GPTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONVS = [
     [{"role": "user", "content": "tell a fox"}, {"role": "assistant", "content": "the quick brown fox"}],

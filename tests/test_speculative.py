@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
-from test_gpt import one_thread, tiny_gpt  # noqa: F401
+from test_gpt import tiny_gpt
 
 from genlab.sampling.speculative import accept_or_resample, speculative_generate
 from genlab.sampling.text import GenerationConfig, generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("gamma", [1, 3, 5])
