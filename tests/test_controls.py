@@ -3,11 +3,10 @@ guidance rescale, per-step previews, sampler options."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_weights
 
 from genlab.errors import GenlabError
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
@@ -28,11 +27,7 @@ def model() -> DiffusionModel:
     cfg = DiffusionConfig(image_size=8, channels=1, num_classes=3, base_channels=8, channel_mults=(1, 2),
                           num_res_blocks=1, attention_resolutions=(), head_channels=8, norm_groups=4, timesteps=100)
     m = DiffusionModel(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in m.net.parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (1.0 if p.ndim > 1 else 0.1))
+    randomize_weights(m.net)
     return m
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 
 import pytest
 import torch
+from conftest import randomize_weights
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -49,11 +49,8 @@ def model() -> DiffusionModel:
     cfg = DiffusionConfig(image_size=8, channels=1, class_cond=False, base_channels=8, channel_mults=(1, 2),
                           num_res_blocks=1, attention_resolutions=(), head_channels=8, norm_groups=4, timesteps=T)
     m = DiffusionModel(cfg).eval()
-    g = torch.Generator().manual_seed(1)
+    g = randomize_weights(m.net)
     with torch.no_grad():
-        for p in m.net.parameters():
-            fan_in = p[0].numel() if p.ndim > 1 else 1
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in) * (1.0 if p.ndim > 1 else 0.1))
         eps = m.net(torch.randn(SHAPE, generator=g), torch.tensor([500]))
         m.net.conv_out.weight /= eps.std()
         m.net.conv_out.bias /= eps.std()
