@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -18,6 +19,7 @@ from genlab.models.base import GenerativeModel
 from genlab.train import Trainer, resolve_model_dir, train
 from genlab.train import checkpoint as ckpt
 from genlab.train.ema import EMA
+from genlab.train.lock import LOCK_NAME, run_lock
 from genlab.train.schedule import lr_factor
 from genlab.train.trainer import DataOrder
 
@@ -277,3 +279,15 @@ def test_diffusion_family_resumes_exactly(tmp_path):
     again.fit()
     assert_identical(final_weights(ref, 6), final_weights(run, 6))
     assert_identical(load_file(ref / "model" / "model.safetensors"), load_file(run / "model" / "model.safetensors"))
+
+
+def test_a_run_folder_in_use_is_refused_and_left_intact(tmp_path):
+    run = train(toy_family.toy_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), tmp_path / "run")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME}
+    with run_lock(run):  # another trainer holds the folder
+        with pytest.raises(GenlabError, match=rf"in use by another training process \(pid {os.getpid()}\)"):
+            Trainer(toy_family.toy_config(tmp_path, "train.steps=2"), run, resume=False)
+        with pytest.raises(GenlabError, match="in use by another training process"):
+            train(toy_family.toy_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), run)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME} == before
+    assert Trainer(toy_family.toy_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), run).step == 2  # released

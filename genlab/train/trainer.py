@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from genlab.train.checkpoint import (
     set_rng_state,
 )
 from genlab.train.ema import EMA
+from genlab.train.lock import run_lock
 from genlab.train.schedule import SCHEDULES, make_schedulers
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -251,8 +252,16 @@ class Trainer:
 
         return make_training_evaluator(self.cfg.data, n=t.eval_n, sampler=s.sampler, steps=s.steps, cfg=s.cfg)
 
+    def _lock(self) -> AbstractContextManager[None]:
+        """The run folder's lock (main process): no second trainer may clear or write the folder meanwhile."""
+        return run_lock(self.run_dir) if self.is_main else nullcontext()
+
     def _start(self, resume: bool) -> bool:
         """Resume from the newest good checkpoint (True), or start the run folder afresh (False)."""
+        with self._lock():
+            return self._start_locked(resume)
+
+    def _start_locked(self, resume: bool) -> bool:
         found = resume and bool(list_checkpoints(self.ckpt_root))
         if found:
             path, weights, state, broken = load_latest(self.ckpt_root, log=self.log)
@@ -372,6 +381,10 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> Path:
         """Train to `train.steps` (or until Ctrl-C / `max_minutes`), checkpoint, and export the EMA model."""
+        with self._lock():
+            return self._fit_locked()
+
+    def _fit_locked(self) -> Path:
         t = self.cfg.train
         pbar = tqdm(total=t.steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not self.is_main,
                     desc=self.cfg.name)
