@@ -3,6 +3,9 @@
     python benchmarks/sampler_sweep.py MODEL_OR_RUN [--samplers ddim,euler,heun,dpmpp_2m,unipc,ddpm]
         [--steps 5,10,20,50,250] [--n 500] [--cfg 1.0] [--spacing trailing | --schedule karras] [--out DIR] [--quick]
 
+A sampler may name its own sigma schedule or spacing after an @ (`dpmpp_2m@karras`); the others use --spacing /
+--schedule.
+
 Every (sampler, steps) cell draws the same `n` images (image i: seed + i, label i mod 10) and is scored in genlab's
 MNIST feature network against the test split: FID (biased at small n, but every cell has the same n), KID (unbiased)
 and classifier agreement (the feature network's classifier gives the requested digit). NFE counts network calls per
@@ -31,6 +34,7 @@ from genlab.eval.features import get_feature_network  # noqa: E402
 from genlab.eval.reference import reference_features  # noqa: E402
 from genlab.eval.report import metrics_from_features, sample_images  # noqa: E402
 from genlab.models.base import GenerativeModel  # noqa: E402
+from genlab.sampling.schedules import SPACINGS  # noqa: E402
 from genlab.train.checkpoint import resolve_model_dir  # noqa: E402
 
 FEW_STEP_SAMPLERS, FEW_STEPS = ("dpmpp_2m", "unipc"), (10, 20)
@@ -40,9 +44,15 @@ def _ints(spec: str) -> list[int]:
     return [int(s) for s in spec.split(",") if s.strip()]
 
 
-def run_cell(model: GenerativeModel, fnet, ref, sampler: str, steps: int, n: int, seed: int, cfg: float,
+def run_cell(model: GenerativeModel, fnet, ref, spec: str, steps: int, n: int, seed: int, cfg: float,
              spacing: str, schedule: str | None, batch_size: int) -> dict:
-    """Sample n labelled images with one sampler / step count and score them."""
+    """Sample n labelled images with one sampler / step count and score them; `spec` is a sampler name, or
+    `name@schedule` to override the sweep's schedule / spacing for it."""
+    sampler, _, own = spec.partition("@")
+    if own in SPACINGS:
+        spacing, schedule = own, None
+    elif own:
+        schedule = own
     labels = torch.arange(n) % model.num_classes
     calls = [0]
     hook = model.net.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -56,7 +66,7 @@ def run_cell(model: GenerativeModel, fnet, ref, sampler: str, steps: int, n: int
     feats, logits = fnet.embed(images, with_logits=True)
     scores = metrics_from_features(ref, feats, None, ("fid", "kid"), kid_subsets=50)
     agreement = float((logits.argmax(1) == labels).float().mean())
-    return {"sampler": sampler, "steps": steps, "nfe": calls[0] / -(-n // batch_size), "n": n,
+    return {"sampler": spec, "steps": steps, "nfe": calls[0] / -(-n // batch_size), "n": n,
             "fid": scores["fid"], "kid": scores["kid"], "kid_se": scores["kid_se"], "accuracy": agreement,
             "seconds": round(seconds, 1)}
 
@@ -96,7 +106,7 @@ def summary(cells: list[dict]) -> dict:
     if not ddpm:
         raise GenlabError("the sweep needs the ddpm sampler as its reference; add it to --samplers")
     ref = max(ddpm, key=lambda c: c["steps"])
-    few = [c for c in cells if c["sampler"] in FEW_STEP_SAMPLERS and c["steps"] in FEW_STEPS]
+    few = [c for c in cells if c["sampler"].partition("@")[0] in FEW_STEP_SAMPLERS and c["steps"] in FEW_STEPS]
     out = {"metric": "fid", "reference": f"ddpm-{ref['steps']}", "reference_fid": round(ref["fid"], 3),
            "reference_kid": ref["kid"], "reference_accuracy": ref["accuracy"], "n": ref["n"]}
     if few:
