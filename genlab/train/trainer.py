@@ -380,7 +380,8 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def fit(self) -> Path:
-        """Train to `train.steps` (or until Ctrl-C / `max_minutes`), checkpoint, and export the EMA model."""
+        """Train to `train.steps` (or until Ctrl-C / `max_minutes`), checkpoint, and export the EMA model; with
+        several processes, end their process group."""
         with self._lock():
             return self._fit_locked()
 
@@ -440,6 +441,10 @@ class Trainer:
             if not (t.eval_every and self.step % t.eval_every == 0):
                 self._validate()
         self.export()
+        if self.world > 1 and torch.distributed.is_initialized():
+            # end the process group here: left to interpreter exit, gloo's threads can abort the process
+            self.accelerator.wait_for_everyone()
+            torch.distributed.destroy_process_group()
         return self.run_dir / "model"
 
     def _install_signal_handlers(self) -> dict[int, Any]:
