@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import genlab.sampling.solvers  # noqa: E402,F401  (registers the samplers)
 from genlab.errors import GenlabError  # noqa: E402
 from genlab.eval.features import get_feature_network  # noqa: E402
 from genlab.eval.reference import reference_features  # noqa: E402

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from genlab.errors import GenlabError
+from genlab.registry import MODELS
 
 C = TypeVar("C")
 
@@ -261,7 +262,4 @@ def load_run_config(path_or_name: str | None, overrides: list[str] | None = None
 
 def validate_model_config(cfg: RunConfig) -> Any:
     """Check the `model:` section against its family's config dataclass; return that dataclass."""
-    from genlab.models import get_family
-
-    family = get_family(cfg.family)
-    return from_dict(family.config_class, cfg.model, prefix="model.")
+    return from_dict(MODELS.get(cfg.family).config_class, cfg.model, prefix="model.")

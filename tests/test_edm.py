@@ -9,7 +9,6 @@ import pytest
 import torch
 from scipy import stats
 
-import genlab.sampling.solvers  # noqa: F401  (registers the samplers)
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.models.parameterization import edm_loss_weight, edm_scalings, edm_training_sigmas
 from genlab.registry import SAMPLERS

@@ -17,7 +17,6 @@ from conftest import randomize_weights
 
 diffusers = pytest.importorskip("diffusers")
 
-import genlab.sampling.solvers  # noqa: E402,F401  (registers the samplers)
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel  # noqa: E402
 from genlab.registry import SAMPLERS  # noqa: E402
 from genlab.sampling.diffusion import default_noise_sampler  # noqa: E402

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import genlab.sampling.solvers  # noqa: F401  (registers the samplers)
 from genlab.errors import GenlabError
 from genlab.registry import SAMPLERS
 from genlab.sampling.schedules import (

@@ -291,3 +291,51 @@ def test_a_run_folder_in_use_is_refused_and_left_intact(tmp_path):
             train(toy_family.toy_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), run)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME} == before
     assert Trainer(toy_family.toy_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), run).step == 2  # released
+
+
+# -- many processes ----------------------------------------------------------------------------------------------
+class FakeCudaRNG:
+    """torch.cuda's generator-state functions over `n` pretend GPUs; a missing device raises, as in torch."""
+
+    def __init__(self, n: int) -> None:
+        self.states = {i: torch.full((16,), i, dtype=torch.uint8) for i in range(n)}
+
+    def _index(self, device) -> int:
+        index = device if isinstance(device, int) else torch.device(device).index or 0
+        if index not in self.states:
+            raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
+        return index
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, new_state, device="cuda"):
+        self.states[self._index(device)] = new_state.clone()
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states.values()]
+
+    def set_rng_state_all(self, new_states):
+        for i, s in enumerate(new_states):
+            self.set_rng_state(s, i)
+
+
+def fake_gpus(monkeypatch, n: int) -> FakeCudaRNG:
+    gpus = FakeCudaRNG(n)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus.states))
+    for name in ("get_rng_state", "set_rng_state", "get_rng_state_all", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, getattr(gpus, name))
+    return gpus
+
+
+def test_cuda_rng_of_the_rank_s_own_gpu_resumes_on_fewer_gpus(tmp_path, monkeypatch):
+    """Rank 5 of 8 saves its own GPU's generator; resumed where one GPU is visible, that state goes to cuda:0."""
+    eight = fake_gpus(monkeypatch, 8)
+    saved = ckpt.rng_state(torch.device("cuda", 5))
+    assert torch.equal(saved["cuda"], eight.states[5])
+    path = ckpt.save_checkpoint(tmp_path, 1, {}, {"rng": [saved]})
+    _, state = ckpt.load_checkpoint(path)
+    one = fake_gpus(monkeypatch, 1)
+    ckpt.set_rng_state(state["rng"][0], torch.device("cuda", 0))
+    assert torch.equal(one.states[0], torch.full((16,), 5, dtype=torch.uint8))

@@ -3,9 +3,9 @@
 import sys
 
 from genlab.cli import main
-from genlab.models import FAMILY_MODULES
+from genlab.registry import MODELS
 
-FAMILY_MODULES["toy"] = "toy_family"  # this script's folder is on sys.path
+MODELS.modules.append("toy_family")  # this script's folder is on sys.path
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -72,19 +72,18 @@ def _run_data(model_dir: Path) -> str | None:
 
 def _load_model(model_dir: Path, device: str) -> Any:
     """The family's own `from_pretrained` (a language model also loads its tokenizer.json)."""
-    from genlab.models import get_family
     from genlab.models.base import CONFIG_NAME, GenerativeModel
+    from genlab.registry import MODELS
 
     try:
         family = json.loads((model_dir / CONFIG_NAME).read_text()).get("family", "")
     except (OSError, json.JSONDecodeError):
         family = None  # the base class reports what is wrong with the folder
-    cls = get_family(family) if family else GenerativeModel
+    cls = MODELS.get(family) if family else GenerativeModel
     return cls.from_pretrained(model_dir, map_location=device).to(device).eval()
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import genlab.sampling.diffusion  # noqa: F401  (registers the samplers)
     from genlab.eval.features import get_feature_network
     from genlab.eval.likelihood import nll_bits_per_dim
     from genlab.eval.reference import all_images, load_images, reference_features

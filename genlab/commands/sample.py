@@ -125,7 +125,6 @@ def _list_samplers() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import genlab.sampling.solvers  # noqa: F401  (registers every sampler)
     from genlab.models.base import GenerativeModel
     from genlab.train import resolve_model_dir
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from genlab.config import DataConfig
-from genlab.data import builtin as _builtin  # noqa: F401  (registers the built-in datasets)
 from genlab.data.base import DatasetInfo, ImageDataset, TextDataset
 from genlab.data.imagefolder import load_image_folder
 from genlab.errors import GenlabError

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from genlab.config import from_dict, to_dict
 from genlab.errors import GenlabError
+from genlab.registry import MODELS
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -98,9 +99,7 @@ class GenerativeModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:
         """Load a model folder; when called on the base class the family is read from config.json."""
         d, meta = read_model_meta(directory)
-        from genlab.models import get_family
-
-        family_cls = get_family(meta.get("family", ""))
+        family_cls = MODELS.get(meta.get("family", ""))
         if cls is not GenerativeModel and not issubclass(family_cls, cls):
             raise GenlabError(f"{d} holds a {meta.get('family')} model, not a {cls.family} model")
         if cls is not family_cls and "from_pretrained" in vars(family_cls):

@@ -12,9 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import genlab.nn.dit  # noqa: F401  (registers the "dit" backbone)
-import genlab.nn.unet  # noqa: F401  (registers the "unet" backbone)
-import genlab.sampling.diffusion  # noqa: F401  (registers the samplers)
 from genlab.config import from_dict, to_dict
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError

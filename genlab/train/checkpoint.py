@@ -37,8 +37,12 @@ def step_dir_name(step: int) -> str:
 
 
 # -- RNG states as plain tensors (loadable with weights_only=True) ----------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU and (if present) CUDA generator states of this process."""
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Python, NumPy, torch CPU and, when `device` is a GPU, that GPU's generator states of this process.
+
+    Only the process's own GPU is saved (not every visible one by index), so a checkpoint resumes on a
+    machine with another number of visible GPUs.
+    """
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, Any] = {
@@ -46,20 +50,26 @@ def rng_state() -> dict[str, Any]:
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `rng_state`."""
+def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Inverse of `rng_state`: the saved GPU state goes to `device` (the GPU this process trains on now)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal.tolist()), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and torch.device(device).type == "cuda":
+        cuda = state["cuda"]
+        if isinstance(cuda, list):  # older checkpoints held every visible GPU's state, by index
+            index = torch.device(device).index or 0
+            if index >= len(cuda):
+                return
+            cuda = cuda[index]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # -- writing ---------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from genlab.config import RunConfig, from_dict, to_dict
 from genlab.data import load_dataset
 from genlab.errors import GenlabError
-from genlab.models import get_family
+from genlab.registry import MODELS
 from genlab.train.checkpoint import (
     list_checkpoints,
     load_latest,
@@ -103,13 +103,13 @@ class _Objective(nn.Module):
 
 
 @contextmanager
-def isolated_rng() -> Iterator[None]:
-    """Run a block (validation, previews) without disturbing the training random streams."""
-    state = rng_state()
+def isolated_rng(device: torch.device | None = None) -> Iterator[None]:
+    """Run a block (validation, previews) without disturbing the training random streams (on `device`'s GPU too)."""
+    state = rng_state(device)
     try:
         yield
     finally:
-        set_rng_state(state)
+        set_rng_state(state, device)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -168,7 +168,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = True) -> None:
         t = cfg.train
         _check_train_config(t)
-        family = get_family(cfg.family)
+        family = MODELS.get(cfg.family)
         model_cfg = from_dict(family.config_class, cfg.model, prefix="model.")
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else Path(cfg.out_dir) / cfg.name
@@ -306,7 +306,7 @@ class Trainer:
         self.order = DataOrder(len(self.data), self.cfg.train.seed, int(state["epoch"]), int(state["index"]))
         rngs = state["rng"]
         if self.rank < len(rngs):
-            set_rng_state(rngs[self.rank])
+            set_rng_state(rngs[self.rank], self.accelerator.device)
         else:  # more processes than when saved: new ranks get fresh streams
             set_seed(self.cfg.train.seed + 1_000_003 * self.rank + self.step)
 
@@ -491,7 +491,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with isolated_rng(), torch.no_grad(), self.ema.average_parameters(), self.accelerator.autocast():
+            with (isolated_rng(self.accelerator.device), torch.no_grad(), self.ema.average_parameters(),
+                  self.accelerator.autocast()):
                 yield
         finally:
             self.model.train(was_training)
@@ -520,7 +521,8 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint everything needed to continue bit-for-bit (collective: every process calls it)."""
-        rngs = gather_object([rng_state()]) if self.world > 1 else [rng_state()]
+        own = rng_state(self.accelerator.device)  # this process's own GPU only, so resuming fits any GPU count
+        rngs = gather_object([own]) if self.world > 1 else [own]
         path = None
         if self.is_main:
             state: dict[str, Any] = {
