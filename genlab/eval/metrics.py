@@ -1,8 +1,10 @@
 """Sample-quality metrics over feature arrays: FID, KID, Inception-style score, precision/recall, density/coverage.
 
 The math of FID, KID and IS is torchmetrics' (its metrics accept any feature `nn.Module`; here the features are
-computed once by genlab's own network and fed through an identity module). Improved precision and recall
-(Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020), which torchmetrics lacks, are written here.
+computed once by genlab's own network and fed through an identity module, built with `sync_on_compute=False`: one
+process computes each number on features it already holds, under torchrun rank 0 alone). Improved precision and
+recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020), which torchmetrics lacks, are written
+here.
 Every function takes (N, D) float tensors and is deterministic given its `seed`.
 """
 
@@ -42,10 +44,47 @@ def _check(real: Tensor, fake: Tensor, least: int = 2) -> None:
 def fid(real: Tensor, fake: Tensor) -> float:
     """Frechet distance ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2)) (Heusel et al. 2017, eq. 6), float64."""
     _check(real, fake)
-    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1])).double()
+    metric = FrechetInceptionDistance(feature=Precomputed(real.shape[1]), sync_on_compute=False).double()
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
+
+
+def _poly_kernel(a: Tensor, b: Tensor) -> Tensor:
+    """KID's kernel k(x, y) = (x.y / D + 1)^3 (Binkowski et al. 2018, sec. 3), between the rows of a and b."""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def _poly_kernel_diagonal(a: Tensor) -> Tensor:
+    """k(x, x) for each row x of a."""
+    return ((a * a).sum(1) / a.shape[1] + 1) ** 3
+
+
+def kid_jackknife_variance(real: Tensor, fake: Tensor, chunk: int = 1024) -> float:
+    """Jackknife variance of the full-sample unbiased MMD^2 (KID's estimator, Binkowski et al. 2018, eq. 4).
+
+    MMD^2_u is a two-sample U-statistic; its delete-one jackknife variance (Arvesen 1969)
+    V = (m-1)/m sum_i (U_-i - mean U_-i)^2 + (n-1)/n sum_j (U_-j - mean U_-j)^2 is consistent and, by the
+    Efron-Stein inequality, conservative. Each leave-one-out U_-i follows from kernel row sums, so this costs
+    one pass over the (m + n)^2 kernel entries, in chunks, in float64.
+    """
+    x, y = real.double(), fake.double()
+    m, n = len(x), len(y)
+    r = torch.empty(m, dtype=torch.float64)  # r_i = sum_{i' != i} k(x_i, x_i')
+    c = torch.empty(m, dtype=torch.float64)  # c_i = sum_j k(x_i, y_j)
+    d = torch.zeros(n, dtype=torch.float64)  # d_j = sum_i k(x_i, y_j)
+    s = torch.empty(n, dtype=torch.float64)  # s_j = sum_{j' != j} k(y_j, y_j')
+    for i, rows in _row_chunks(x, chunk):
+        r[i : i + len(rows)] = _poly_kernel(rows, x).sum(1) - _poly_kernel_diagonal(rows)
+        kxy = _poly_kernel(rows, y)
+        c[i : i + len(rows)] = kxy.sum(1)
+        d += kxy.sum(0)
+    for j, rows in _row_chunks(y, chunk):
+        s[j : j + len(rows)] = _poly_kernel(rows, y).sum(1) - _poly_kernel_diagonal(rows)
+    # U_-i = const - 2/(m-1) * (r_i/(m-2) - c_i/n): only the part that varies with i enters the variance
+    u = 2 / (m - 1) * (c / n - r / (m - 2))
+    v = 2 / (n - 1) * (d / m - s / (n - 2))
+    return float((m - 1) / m * ((u - u.mean()) ** 2).sum() + (n - 1) / n * ((v - v.mean()) ** 2).sum())
 
 
 def kid(real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
@@ -53,24 +92,28 @@ def kid(real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000,
     """Kernel distance: unbiased MMD^2 with k(x, y) = (x.y / D + 1)^3 (Binkowski et al. 2018, eq. 4), over subsets.
 
     Returns the mean over `subsets` random subsets of `min(subset_size, n_real, n_fake)` items, the standard
-    deviation across subsets, and the standard error of the estimate, `std * sqrt(m / n)` with `n` the smaller
-    sample (the first-order U-statistic variance scales as 1/n; conservative when the two distributions agree).
+    deviation across subsets, and the standard error of that mean. Given the samples, the subset mean is an
+    unbiased estimate of the full-sample MMD^2_u (every pair is equally likely to be drawn), so its variance is
+    Var(MMD^2_u) + E[subset variance] / subsets: the first term is `kid_jackknife_variance`, the second the spread
+    across subsets (zero when each subset is the whole sample; unknown, so nan, from one subset of fewer items).
     """
-    _check(real, fake)
+    _check(real, fake, least=3)
     m = min(subset_size, len(real), len(fake))
     with warnings.catch_warnings():  # "will save all extracted features": that is the point here
         warnings.simplefilter("ignore")
-        metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=m)
+        metric = KernelInceptionDistance(feature=Precomputed(real.shape[1]), subsets=subsets, subset_size=m,
+                                         sync_on_compute=False)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(seed)
-        mean, std = metric.compute()
-    n = min(len(real), len(fake))
+        mean, std = metric.compute()  # std over subsets with divisor `subsets`
     std = float(std) if subsets > 1 else float("nan")
-    return {"kid": float(mean), "kid_std": std, "kid_se": std * math.sqrt(m / n), "kid_subsets": subsets,
-            "kid_subset_size": m}
+    whole = m == len(real) == len(fake)  # every subset is the whole sample: no subset noise
+    subset_var = 0.0 if whole else std**2 / (subsets - 1) if subsets > 1 else float("nan")
+    se = math.sqrt(kid_jackknife_variance(real, fake) + subset_var)
+    return {"kid": float(mean), "kid_std": std, "kid_se": se, "kid_subsets": subsets, "kid_subset_size": m}
 
 
 def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> dict[str, float]:
@@ -79,7 +122,7 @@ def inception_score(logits: Tensor, splits: int = 10, seed: int = 0) -> dict[str
         raise GenlabError(f"the Inception-style score needs (N, classes) logits with N >= {splits}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        metric = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits)
+        metric = InceptionScore(feature=Precomputed(logits.shape[1]), splits=splits, sync_on_compute=False)
     metric.update(logits.double())
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():  # std of one split is nan, and says so
         warnings.simplefilter("ignore")
