@@ -73,3 +73,81 @@ def test_build_for_sft_trains_a_tokenizer_on_the_contents(tmp_path):
     model.save_pretrained(tmp_path)
     tuned = GPT.build(GPTConfig(init_from=str(tmp_path), sft=True), dataset(JSONL))
     assert tuned.config.sft and tuned.tokenizer.encode("fox") == model.tokenizer.encode("fox")
+
+
+# -- token-weighted loss in the trainer ----------------------------------------------------------------------------
+def chat(user: str, assistant: str | None = None) -> str:
+    messages = [{"role": "user", "content": user}]
+    if assistant is not None:
+        messages.append({"role": "assistant", "content": assistant})
+    return json.dumps({"messages": messages})
+
+
+def sft_config(tmp_path, lines: list[str], *overrides: str):
+    from genlab.config import load_run_config
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    sets = ["family=gpt", f"data.name={path}", "model.sft=true", "model.tokenizer=char", "model.n_layer=1",
+            "model.n_head=2", "model.n_embd=16", "model.block_size=32", "train.warmup_steps=0", "train.grad_clip=0",
+            "train.log_every=1", "train.ckpt_every=0", f"out_dir={tmp_path}", "name=sft", *overrides]
+    return load_run_config(None, sets)
+
+
+def test_an_all_masked_batch_has_loss_zero_not_nan():
+    model = tiny_gpt()
+    ids = torch.tensor([model.tokenizer.encode("the quick brown fox", bos=True)])
+    loss = model.training_losses({"input_ids": ids, "labels": torch.full_like(ids, -100)})["loss"]
+    assert loss.item() == 0.0
+
+
+def test_conversations_without_assistant_tokens_are_reported_and_left_out(capsys):
+    tok = tiny_gpt().tokenizer
+    lines = [chat("dog?", "lazy"), chat("no answer here"), chat("fox " * 20, "quick"), chat("fox?", "brown")]
+    data = ChatData.from_jsonl("\n".join(lines), tok, 32)
+    kept = [encode_chat(tok, json.loads(line)["messages"])[0] for line in (lines[0], lines[3])]
+    assert [row[: len(ids)].tolist() for row, ids in zip(data.input_ids, kept, strict=True)] == kept
+    err = capsys.readouterr().err
+    assert "left out 2 of 4 conversations" in err and "lines 2, 3" in err and err.count("\n") == 1
+    with pytest.raises(GenlabError, match="no conversation has an assistant token"):
+        ChatData.from_jsonl("\n".join(lines[1:3]), tok, 32)
+
+
+def test_sft_run_with_unanswered_and_overlong_rows_trains_with_finite_loss(tmp_path):
+    from genlab.train import Trainer
+
+    lines = [chat("dog?", "lazy"), chat("no answer here"), chat("fox " * 20, "quick")] * 4 + [chat("a", "b")] * 3
+    trainer = Trainer(sft_config(tmp_path, lines, "train.steps=3", "train.batch_size=4", "train.grad_accum=2"))
+    trainer.fit()
+    losses = [json.loads(x)["loss"] for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["split"] == "train"]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_micro_batches_weighted_by_tokens_give_the_loss_and_gradient_of_the_whole_batch(tmp_path):
+    """Two micro-batches with 1 and many target tokens: the step's loss and gradient are those of the mean
+    cross-entropy over all target tokens of the concatenated batch (computed here by hand)."""
+    import copy
+
+    from genlab.train import Trainer
+
+    lines = [chat("a", "b"), chat("x", "the quick brown fox jumps")] * 8
+    trainer = Trainer(sft_config(tmp_path, lines, "train.steps=1", "train.batch_size=4", "train.grad_accum=2"))
+    batch = trainer.data.get_batch([0, 2, 1, 3])  # short answers, then long ones
+    tokens = [int((batch["labels"][k:k + 2, 1:] != -100).sum()) for k in (0, 2)]
+    assert tokens[0] != tokens[1]  # unequal micro-batches: a plain mean of the two means would differ
+
+    ref = copy.deepcopy(trainer.model).train()
+    logp = ref(batch["input_ids"][:, :-1]).float().log_softmax(-1)
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    manual = -(picked * mask).sum() / mask.sum()
+    manual.backward()
+
+    (opt,) = trainer.optimizers
+    opt.step = opt.zero_grad = lambda *a, **k: None  # keep the accumulated gradient to compare
+    out = trainer._train_step(batch, trainer.optimizers, trainer.accelerator, trainer.objective)
+    assert out["loss"].item() == pytest.approx(manual.item(), rel=1e-5)
+    for (name, p), q in zip(trainer.model.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)

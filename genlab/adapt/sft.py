@@ -9,6 +9,7 @@ The same template ships with exported models as a Jinja `chat_template`.
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import torch
@@ -60,6 +61,11 @@ def load_conversations(text: str) -> list[list[dict[str, str]]]:
 
     A text file split by characters may cut its first or last line; such a partial line is skipped.
     """
+    return [conv for _, conv in _numbered_conversations(text)]
+
+
+def _numbered_conversations(text: str) -> list[tuple[int, list[dict[str, str]]]]:
+    """(line number from 1, conversation) of every conversation in JSONL text (see `load_conversations`)."""
     lines = text.splitlines()
     out = []
     for i, line in enumerate(lines):
@@ -74,7 +80,7 @@ def load_conversations(text: str) -> list[list[dict[str, str]]]:
                               '{"messages": [{"role": ..., "content": ...}, ...]}') from None
         if not isinstance(record, dict) or "messages" not in record:
             raise GenlabError(f"line {i + 1} of the chat data has no 'messages' list")
-        out.append(_check(record["messages"], f"line {i + 1} of the chat data"))
+        out.append((i + 1, _check(record["messages"], f"line {i + 1} of the chat data")))
     if not out:
         raise GenlabError("the chat data holds no conversations; give JSONL lines with a 'messages' list")
     return out
@@ -93,15 +99,28 @@ class ChatData:
 
     @classmethod
     def from_jsonl(cls, text: str, tok: Tokenizer, block_size: int) -> ChatData:
-        convs = load_conversations(text)
+        """Encode every conversation; one with no assistant token within its first block_size + 1 tokens (no
+        assistant turn, or a prompt that fills the block) has nothing to learn from and is left out, with a
+        one-line report on stderr; if that leaves nothing, a GenlabError."""
+        convs = _numbered_conversations(text)
         n = block_size + 1
         input_ids = torch.full((len(convs), n), tok.pad_id, dtype=torch.long)
         labels = torch.full((len(convs), n), IGNORE, dtype=torch.long)
-        for i, conv in enumerate(convs):
+        for i, (_, conv) in enumerate(convs):
             ids, lab = encode_chat(tok, conv)
             input_ids[i, : min(len(ids), n)] = torch.tensor(ids[:n])
             labels[i, : min(len(lab), n)] = torch.tensor(lab[:n])
-        return cls(input_ids, labels)
+        keep = (labels[:, 1:] != IGNORE).any(dim=1)
+        if not keep.any():
+            raise GenlabError(f"no conversation has an assistant token within model.block_size + 1 = {n} tokens: "
+                              "give conversations with an assistant turn, or raise block_size")
+        if not keep.all():
+            lines = [line for (line, _), k in zip(convs, keep.tolist(), strict=True) if not k]
+            first = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+            print(f"genlab: left out {len(lines)} of {len(convs)} conversations with no assistant token within "
+                  f"{n} tokens (no assistant turn, or a prompt longer than model.block_size; lines {first})",
+                  file=sys.stderr)
+        return cls(input_ids[keep], labels[keep])
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -15,9 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genlab.data.tokenizer import TOKENIZER_NAME, Tokenizer, train_tokenizer
+from genlab.data.tokenizer import TOKENIZER_NAME, Tokenizer, tokenizer_kind, train_tokenizer
 from genlab.errors import GenlabError
-from genlab.models.base import GenerativeModel, ModelConfig, read_model_meta
+from genlab.models.base import (
+    WEIGHTS_NAME,
+    Conditioning,
+    GenerativeModel,
+    Likelihood,
+    ModelConfig,
+    Output,
+    load_weights,
+    read_model_meta,
+)
 from genlab.nn.transformer import Block, KVCache, RMSNorm, _decode_attention, apply_rope, attention_mask, rope_tables
 from genlab.registry import MODELS
 
@@ -55,6 +64,9 @@ class GPT(GenerativeModel):
 
     family = "gpt"
     config_class = GPTConfig
+    conditioning = frozenset({Conditioning.NONE, Conditioning.TEXT})  # a text prompt
+    output = Output.TEXT
+    likelihood = Likelihood.EXACT  # the chain rule over tokens
 
     def __init__(self, config: GPTConfig, tokenizer: Tokenizer | None = None) -> None:
         super().__init__(config)
@@ -179,12 +191,20 @@ class GPT(GenerativeModel):
 
     # -- losses and likelihood ----------------------------------------------------------
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Next-token cross-entropy; where `labels` are given, positions labelled -100 do not count."""
+        """Mean next-token cross-entropy over the batch's target tokens (positions labelled -100 do not count);
+        0 when there are none. The trainer weights it by `loss_tokens`, so a step's loss is the mean over all
+        its tokens, however they fall into micro-batches and processes."""
         ids = batch["input_ids"].to(self.tok_emb.weight.device)
         targets = batch.get("labels", ids)[:, 1:].to(ids.device)
         logits = self(ids[:, :-1])
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return {"loss": loss}
+        total = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        return {"loss": total / self.loss_tokens(batch).clamp(min=1)}
+
+    @staticmethod
+    def loss_tokens(batch: dict[str, Any]) -> Tensor:
+        """How many target tokens `training_losses` averages over in `batch` (labels other than -100)."""
+        targets = batch.get("labels", batch["input_ids"])[:, 1:]
+        return (targets != -100).sum()
 
     def log_likelihood(self, x: Tensor, cond: Any = None) -> Tensor:
         """log p(x_1..x_T | x_0) in nats per sequence, exact by the chain rule."""
@@ -281,10 +301,49 @@ class GPT(GenerativeModel):
         """A genlab GPT folder, or a Hugging Face Llama folder (as written by `genlab export --to hf`)."""
         d, meta = read_model_meta(directory)
         if meta.get("model_type") == "llama":
-            from genlab.models.hf_export import load_hf
-
-            return load_hf(d, map_location)
+            return cls._from_llama_folder(d, meta, map_location)
         return super().from_pretrained(d, map_location)
+
+    @classmethod
+    def _from_llama_folder(cls, d: Path, hf: dict[str, Any], map_location: str | torch.device) -> GPT:
+        """A Hugging Face Llama folder (config `hf`, a genlab tokenizer.json) as a GPT, fusing the projections again."""
+        rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 10000.0)}
+        if rope.get("rope_type", "default") != "default":
+            raise GenlabError(f"{d} uses RoPE scaling {rope.get('rope_type')!r}; only the default RoPE is supported")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise GenlabError(f"{d} has attention or MLP biases, which genlab's GPT does not have")
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+            raise GenlabError(f"{d} has head_dim * heads != hidden_size, which genlab's GPT does not support")
+        tie = bool(hf.get("tie_word_embeddings", False))
+        tok = Tokenizer.from_file(d / TOKENIZER_NAME)
+        config = GPTConfig(
+            vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
+            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+            n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
+            ffn_hidden=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", 10000.0)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=tie,
+            tokenizer=tokenizer_kind(tok),
+        )
+        model = cls(config, tokenizer=tok)
+        sd = load_weights(d / WEIGHTS_NAME, "cpu")
+        try:
+            with torch.no_grad():
+                model.tok_emb.weight.copy_(sd["model.embed_tokens.weight"])
+                model.norm.weight.copy_(sd["model.norm.weight"])
+                if not tie:
+                    model.lm_head.weight.copy_(sd["lm_head.weight"])
+                for i, b in enumerate(model.blocks):
+                    p = f"model.layers.{i}."
+                    b.attn_norm.weight.copy_(sd[p + "input_layernorm.weight"])
+                    b.attn.wqkv.weight.copy_(torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+                    b.attn.wo.weight.copy_(sd[p + "self_attn.o_proj.weight"])
+                    b.mlp_norm.weight.copy_(sd[p + "post_attention_layernorm.weight"])
+                    b.mlp.w13.weight.copy_(torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]))
+                    b.mlp.w2.weight.copy_(sd[p + "mlp.down_proj.weight"])
+        except (KeyError, RuntimeError) as e:
+            raise GenlabError(f"{d / WEIGHTS_NAME} does not fit its Llama config ({e})") from None
+        return model.to(map_location)
 
     @classmethod
     def from_folder_config(cls, config: GPTConfig, directory: Path) -> GPT:

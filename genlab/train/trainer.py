@@ -10,6 +10,13 @@ where `objective(batch, **kw)` runs `training_losses(batch, **kw)` under autocas
 processes, through DistributedDataParallel (so gradients are averaged across processes); the step does
 its own backward passes and optimizer steps and returns scalars to log (with a "loss" entry).
 
+A family whose loss is a mean over a varying number of tokens (masked fine-tuning data) defines
+
+    loss_tokens(batch) -> Tensor
+
+(how many tokens `training_losses(batch)` averages over); each micro-batch's loss then counts by its share of
+the step's tokens on all processes, so the step's gradient is that of the mean over all its tokens.
+
 `train.batch_size` is the global batch of one optimizer step: it is split over the processes and then
 into `grad_accum` micro-batches, so a recipe means the same optimization on any number of processes.
 """
@@ -39,6 +46,7 @@ from tqdm.auto import tqdm
 from genlab.config import RunConfig, from_dict, to_dict
 from genlab.data import load_dataset
 from genlab.errors import GenlabError
+from genlab.models.base import Output
 from genlab.registry import MODELS
 from genlab.train.checkpoint import (
     list_checkpoints,
@@ -244,13 +252,14 @@ class Trainer:
             return None
 
     def _sample_evaluator(self) -> Callable[[Any, int], dict[str, float]] | None:
-        """KID/FID of `train.eval_n` samples against the test split, on fixed seeds (image datasets only)."""
+        """KID/FID of `train.eval_n` samples against the test split, on fixed seeds (image families only). Every
+        process draws its shard of the samples; rank 0 measures them."""
         t, s = self.cfg.train, self.cfg.sample
-        if not (t.eval_n and t.eval_every and self.is_main and self.val_data is not None):
+        if not (t.eval_n and t.eval_every and self.val_data is not None and self.model.output is Output.IMAGE):
             return None
         from genlab.eval.report import make_training_evaluator
 
-        return make_training_evaluator(self.cfg.data, n=t.eval_n, sampler=s.sampler, steps=s.steps, cfg=s.cfg)
+        return make_training_evaluator(self.cfg.data, n=t.eval_n, sampler=s.sampler, steps=s.steps, guidance=s.cfg)
 
     def _lock(self) -> AbstractContextManager[None]:
         """The run folder's lock (main process): no second trainer may clear or write the folder meanwhile."""
@@ -347,17 +356,18 @@ class Trainer:
         (opt,) = optimizers
         n = len(next(v for v in batch.values() if isinstance(v, Tensor | list)))
         micro = n // t.grad_accum
+        micro_batches = [{key: v[k * micro : (k + 1) * micro] if isinstance(v, Tensor | list) else v
+                          for key, v in batch.items()} for k in range(t.grad_accum)]
+        weights = self._micro_batch_weights(micro_batches)
         totals: dict[str, Tensor] = {}
-        for k in range(t.grad_accum):
-            mb = {key: v[k * micro : (k + 1) * micro] if isinstance(v, Tensor | list) else v
-                  for key, v in batch.items()}
+        for k, (mb, weight) in enumerate(zip(micro_batches, weights, strict=True)):
             last = k == t.grad_accum - 1
             with nullcontext() if last else accelerator.no_sync(objective):
                 losses = objective(mb)
-                accelerator.backward(losses["loss"] / t.grad_accum)
+                accelerator.backward(losses["loss"] * weight)
             for key, v in losses.items():
                 if isinstance(v, Tensor) and v.numel() == 1:
-                    totals[key] = totals.get(key, 0.0) + v.detach().float() / t.grad_accum
+                    totals[key] = totals.get(key, 0.0) + v.detach().float() * weight
         max_norm = t.grad_clip if t.grad_clip > 0 else math.inf
         grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
         opt.step()
@@ -365,6 +375,20 @@ class Trainer:
         if grad_norm is not None:
             totals["grad_norm"] = grad_norm.detach().float()
         return totals
+
+    def _micro_batch_weights(self, micro_batches: list[dict[str, Any]]) -> list[float]:
+        """What each micro-batch's mean loss is multiplied by: 1 / grad_accum, or with `loss_tokens`,
+        world x (its tokens) / (the step's tokens on all processes). Processes average their gradients, so
+        either way the step's gradient is that of the mean loss over the whole global batch."""
+        count = getattr(self.model, "loss_tokens", None)
+        if count is None:
+            return [1.0 / len(micro_batches)] * len(micro_batches)
+        tokens = torch.stack([torch.as_tensor(count(mb), dtype=torch.float32, device=self.accelerator.device)
+                              for mb in micro_batches])
+        total = tokens.sum()
+        if self.world > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        return (tokens * self.world / total.clamp(min=1)).tolist()
 
     def _reduce(self, out: dict[str, Tensor], flags: list[bool]) -> tuple[dict[str, float], list[bool]]:
         """Average the step's scalars over processes and OR their `flags`, in one all-reduce."""
@@ -498,12 +522,14 @@ class Trainer:
             self.model.train(was_training)
 
     def _validate(self) -> None:
-        if self.val_data is None or not self.is_main:
+        if self.val_data is None:
             return
         with self._ema_eval():
-            metrics = self.model.validation_metrics(self.val_data)
-            if self.evaluator is not None:
+            metrics = self.model.validation_metrics(self.val_data) if self.is_main else {}
+            if self.evaluator is not None:  # on every process: each draws its shard of the samples
                 metrics |= self.evaluator(self.model, self.step)
+        if not self.is_main:
+            return
         if metrics:
             self._write_metrics({"split": "val", **{k: float(v) for k, v in metrics.items()}})
             self.log(f"step {self.step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
