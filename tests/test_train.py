@@ -15,13 +15,13 @@ from safetensors.torch import load_file
 
 from genlab.cli import main
 from genlab.errors import GenlabError
-from genlab.models.base import GenerativeModel
-from genlab.train import Trainer, resolve_model_dir, train
+from genlab.models.base import GenerativeModel, resolve_model_dir
+from genlab.train import Trainer, train
 from genlab.train import checkpoint as ckpt
 from genlab.train.ema import EMA
 from genlab.train.lock import LOCK_NAME, run_lock
 from genlab.train.schedule import lr_factor
-from genlab.train.trainer import DataOrder
+from genlab.train.trainer import MAX_SKIPPED_STEPS, DataOrder, nonfinite_stop
 
 
 def steps_of(run_dir):
@@ -205,6 +205,25 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp
     assert not (run / "model").exists()
     with pytest.raises(GenlabError, match="has no exported model yet"):
         resolve_model_dir(run)
+
+
+def test_fp16_scaler_skips_stop_the_run_once_they_repeat(tmp_path):
+    """The fp16 loss scaler skips a step with a non-finite gradient (and halves its scale): a few such steps while
+    it calibrates are normal, MAX_SKIPPED_STEPS in a row (a loss that stays NaN) stop the run; without a scaler,
+    the first does."""
+    nan, ok = {"loss": math.nan, "grad_norm": math.nan}, {"loss": 1.0, "grad_norm": 2.0}
+    overflow = {"loss": 1.0, "grad_norm": math.inf}
+    assert nonfinite_stop(nan, scaled=False, skipped=0) == ("loss", 1)
+    assert nonfinite_stop(overflow, scaled=False, skipped=0) == ("grad_norm", 1)
+    skipped, keys = 0, []
+    for stats in [overflow] * (MAX_SKIPPED_STEPS - 1) + [ok] + [nan] * MAX_SKIPPED_STEPS:
+        key, skipped = nonfinite_stop(stats, scaled=True, skipped=skipped)
+        keys.append(key)
+    assert keys == [None] * (2 * MAX_SKIPPED_STEPS - 1) + ["loss"] and skipped == MAX_SKIPPED_STEPS
+    trainer = Trainer(toy_family.toy_config(tmp_path, "train.steps=40"), tmp_path / "run")
+    trainer.step = 25  # steps 7..26 were skipped
+    assert re.match(r"loss became nan at step 7 and stayed so for the 20 steps the fp16 loss scaler skipped; ",
+                    trainer._nonfinite_message("loss", math.nan, 20))
 
 
 def test_resume_refuses_a_changed_config_and_no_resume_starts_over(tmp_path):

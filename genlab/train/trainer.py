@@ -67,6 +67,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 RESUME_MAY_CHANGE = ("name", "out_dir", "train.max_minutes", "train.log_every", "train.sample_every",
                      "train.eval_every", "train.eval_n", "train.ckpt_every", "train.keep_last", "sample.")
 RUN_OUTPUTS = ("checkpoints", "samples", "model", "metrics.jsonl", "config.yaml")
+# fp16: steps in a row the loss scaler may skip (halving its scale each time) before the run counts as diverged
+MAX_SKIPPED_STEPS = 20
 
 
 class DataOrder:
@@ -162,6 +164,16 @@ def _check_train_config(t: Any) -> None:
                           f"{', '.join(PRECISIONS)}")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise GenlabError(f"train.max_minutes must be positive, got {t.max_minutes}")
+
+
+def nonfinite_stop(stats: dict[str, float], scaled: bool, skipped: int) -> tuple[str | None, int]:
+    """The scalar ("loss" or "grad_norm") whose non-finite value stops the run, or None; and how many steps in a
+    row have had one. Without a loss scaler the first such step stops it; fp16's scaler skips such a step and
+    halves its scale, so only MAX_SKIPPED_STEPS in a row (which no scale made finite) do."""
+    bad = [k for k in ("loss", "grad_norm") if k in stats and not math.isfinite(stats[k])]
+    skipped = skipped + 1 if bad else 0
+    stop = bool(bad) and (not scaled or skipped >= MAX_SKIPPED_STEPS)
+    return (bad[0] if stop else None), skipped
 
 
 class Trainer:
@@ -417,6 +429,7 @@ class Trainer:
         window_n, window_t = 0, time.monotonic()
         old_handlers = self._install_signal_handlers()
         interrupted = time_up = False
+        skipped = 0  # steps in a row with a non-finite loss or gradient
         try:
             while self.step < t.steps and not (interrupted or time_up):
                 lr = self.schedulers[0].get_last_lr()[0]
@@ -425,9 +438,9 @@ class Trainer:
                     raise GenlabError(f"the {self.cfg.family} train step returned no 'loss'")
                 out_of_time = t.max_minutes is not None and time.monotonic() - self.t_start > 60 * t.max_minutes
                 stats, (interrupted, time_up) = self._reduce(out, [self._stop_requested, out_of_time])
-                bad = [k for k in ("loss", "grad_norm") if k in stats and not math.isfinite(stats[k])]
-                if bad and self.accelerator.scaler is None:
-                    raise GenlabError(self._nonfinite_message(bad[0], stats[bad[0]]))
+                bad, skipped = nonfinite_stop(stats, self.accelerator.scaler is not None, skipped)
+                if bad:
+                    raise GenlabError(self._nonfinite_message(bad, stats[bad], skipped))
                 for sched in self.schedulers:
                     sched.step()
                 self.ema.update(self.step)
@@ -495,10 +508,12 @@ class Trainer:
             signal.signal(sig, handler)
         return old
 
-    def _nonfinite_message(self, key: str, value: float) -> str:
+    def _nonfinite_message(self, key: str, value: float, steps: int = 1) -> str:
+        """The one-line error for a `key` that became `value` and stayed non-finite for `steps` steps up to now."""
         good = list_checkpoints(self.ckpt_root)
         where = f"the last good checkpoint is {good[-1][1]}" if good else "no checkpoint was saved yet"
-        return (f"{key} became {value} at step {self.step + 1}; stopped without saving ({where}); "
+        skipped = f" and stayed so for the {steps} steps the fp16 loss scaler skipped" if steps > 1 else ""
+        return (f"{key} became {value} at step {self.step + 2 - steps}{skipped}; stopped without saving ({where}); "
                 f"lower train.lr (now {self.cfg.train.lr}) or train.grad_clip and start a new run")
 
     # -- outputs ------------------------------------------------------------------------------------------------
