@@ -32,9 +32,8 @@ from genlab.errors import GenlabError  # noqa: E402
 from genlab.eval.features import get_feature_network  # noqa: E402
 from genlab.eval.reference import reference_features  # noqa: E402
 from genlab.eval.report import metrics_from_features, sample_images  # noqa: E402
-from genlab.models.base import GenerativeModel  # noqa: E402
+from genlab.models.base import GenerativeModel, resolve_model_dir  # noqa: E402
 from genlab.sampling.schedules import SPACINGS  # noqa: E402
-from genlab.train.checkpoint import resolve_model_dir  # noqa: E402
 
 FEW_STEP_SAMPLERS, FEW_STEPS = ("dpmpp_2m", "unipc"), (10, 20)
 

@@ -8,7 +8,7 @@ import torch
 from test_gpt import tiny_gpt
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from genlab.adapt.sft import apply_chat_template, encode_chat
+from genlab.data.chat import apply_chat_template, encode_chat
 from genlab.models.gpt import GPT
 from genlab.models.hf_export import export_hf
 from genlab.sampling.text import GenerationConfig, generate

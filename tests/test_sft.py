@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from test_gpt import dataset, tiny_gpt  # noqa: F401
 
-from genlab.adapt.sft import ChatData, apply_chat_template, encode_chat, load_conversations
+from genlab.data.chat import ChatData, apply_chat_template, encode_chat, load_conversations
 from genlab.errors import GenlabError
 from genlab.models.gpt import GPT, GPTConfig
 

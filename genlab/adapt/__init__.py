@@ -1,1 +1,1 @@
-"""Adapting trained models: supervised fine-tuning on chat conversations (`genlab.adapt.sft`)."""
+"""Adapting trained models; supervised fine-tuning of a GPT is `model.sft: true` on chat data (`genlab.data.chat`)."""

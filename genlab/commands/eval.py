@@ -88,8 +88,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from genlab.eval.likelihood import nll_bits_per_dim
     from genlab.eval.reference import all_images, load_images, reference_features
     from genlab.eval.report import IMAGE_METRICS, metrics_from_features, parse_metrics, sample_images, write_report
+    from genlab.models.base import resolve_model_dir
     from genlab.registry import SAMPLERS
-    from genlab.train import resolve_model_dir
 
     metrics = parse_metrics(args.metrics)
     if not 1 <= args.n <= MAX_N:

@@ -40,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
     if chat:
-        from genlab.adapt.sft import encode_chat
+        from genlab.data.chat import encode_chat
 
         return encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
     return tok.encode(text, bos=True)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning data: the chat template over the special tokens, and JSONL conversations.
+"""Chat data: the chat template over the special tokens, JSONL conversations, assistant-only labels for SFT.
 
 A conversation `{"messages": [{"role": "user", "content": "..."}, ...]}` becomes
 `<|bos|><|user|>...<|end|><|assistant|>...<|end|>`; the loss covers only the assistant's tokens and its

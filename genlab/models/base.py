@@ -146,7 +146,16 @@ def read_model_meta(directory: str | Path) -> tuple[Path, dict[str, Any]]:
         raise GenlabError(f"{cfg_path} is not valid JSON ({e.msg}): re-export the model") from None
 
 
-def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder (with config.json), or a run folder whose exported model is in `model/`."""
+    p = Path(path).expanduser()
+    if (p / CONFIG_NAME).is_file():
+        return p
+    if (p / "model" / CONFIG_NAME).is_file():
+        return p / "model"
+    if (p / "checkpoints").is_dir():
+        raise GenlabError(f"run folder {p} has no exported model yet: let training finish (or resume it) first")
+    raise GenlabError(f"{p} is neither a model folder (config.json) nor a run folder with model/")def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Read a safetensors file, turning a truncated or corrupt file into a one-line error."""
     if not path.is_file():
         raise GenlabError(f"missing weights file {path}")

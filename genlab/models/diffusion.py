@@ -16,7 +16,7 @@ from genlab.config import from_dict, to_dict
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError
 from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL, encode_dataset, latent_scaling_factor
-from genlab.models.base import GenerativeModel, ModelConfig, with_image_shape
+from genlab.models.base import GenerativeModel, ModelConfig, resolve_model_dir, with_image_shape
 from genlab.models.parameterization import (
     PRECONDITIONINGS,
     PREDICTIONS,
@@ -52,7 +52,6 @@ from genlab.sampling.schedules import (
     sigma_to_t,
 )
 from genlab.sampling.solvers import noise_sampler_for, sampler_options
-from genlab.train.checkpoint import resolve_model_dir
 
 MAX_SAMPLES = 10_000
 

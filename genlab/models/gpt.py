@@ -244,7 +244,7 @@ class GPT(GenerativeModel):
         else:
             text = dataset.text
             if config.sft:
-                from genlab.adapt.sft import conversation_text
+                from genlab.data.chat import conversation_text
 
                 text = conversation_text(text)
             tok = train_tokenizer(text, config.tokenizer, config.vocab)
@@ -254,7 +254,7 @@ class GPT(GenerativeModel):
         """Token windows of block_size + 1 (every offset is one item), or masked chat examples when `sft`."""
         tok = self._require_tokenizer()
         if self.config.sft:
-            from genlab.adapt.sft import ChatData
+            from genlab.data.chat import ChatData
 
             return ChatData.from_jsonl(dataset.text, tok, self.config.block_size)
         return TokenBlocks(encode_text(tok, dataset.text), self.config.block_size)

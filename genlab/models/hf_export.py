@@ -1,4 +1,4 @@
-"""Export a genlab GPT to a Hugging Face Llama folder, and read such a folder back.
+"""Export a genlab GPT to a Hugging Face Llama folder (`GPT.from_pretrained` reads such a folder back).
 
 The architectures are the same (RoPE with rotate_half, RMSNorm, SwiGLU, no biases); export renames tensors
 and splits the fused q/k/v and gate/up projections. The folder loads as it is in
@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from genlab.data.tokenizer import ASSISTANT, BOS, END, EOS, PAD, TOKENIZER_NAME, Tokenizer, tokenizer_kind
+from genlab.data.tokenizer import ASSISTANT, BOS, END, EOS, PAD, TOKENIZER_NAME
 from genlab.errors import GenlabError
-from genlab.models.base import CONFIG_NAME, WEIGHTS_NAME, load_weights
-from genlab.models.gpt import GPT, GPTConfig
+from genlab.models.base import CONFIG_NAME, WEIGHTS_NAME
+from genlab.models.gpt import GPT
 
-# the chat template of genlab.adapt.sft, in Jinja for transformers' apply_chat_template
+# the chat template of genlab.data.chat, in Jinja for transformers' apply_chat_template
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '"
     + END + "' }}{% endfor %}{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
@@ -93,46 +92,3 @@ def export_hf(model: GPT, directory: str | Path) -> Path:
     }
     (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
     return d
-
-
-def load_hf(directory: str | Path, map_location: str | torch.device = "cpu") -> GPT:
-    """A genlab GPT from a Llama folder (with a genlab tokenizer.json), fusing the projections again."""
-    d = Path(directory)
-    hf = json.loads((d / CONFIG_NAME).read_text())
-    rope = hf.get("rope_parameters") or {"rope_type": "default", "rope_theta": hf.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        raise GenlabError(f"{d} uses RoPE scaling {rope.get('rope_type')!r}; only the default RoPE is supported")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise GenlabError(f"{d} has attention or MLP biases, which genlab's GPT does not have")
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
-    if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
-        raise GenlabError(f"{d} has head_dim * heads != hidden_size, which genlab's GPT does not support")
-    tie = bool(hf.get("tie_word_embeddings", False))
-    tok = Tokenizer.from_file(d / TOKENIZER_NAME)
-    config = GPTConfig(
-        vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 2048),
-        n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-        n_kv_head=hf.get("num_key_value_heads") or hf["num_attention_heads"], n_embd=hf["hidden_size"],
-        ffn_hidden=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", 10000.0)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=tie,
-        tokenizer=tokenizer_kind(tok),
-    )
-    model = GPT(config, tokenizer=tok)
-    sd = load_weights(d / WEIGHTS_NAME, "cpu")
-    try:
-        with torch.no_grad():
-            model.tok_emb.weight.copy_(sd["model.embed_tokens.weight"])
-            model.norm.weight.copy_(sd["model.norm.weight"])
-            if not tie:
-                model.lm_head.weight.copy_(sd["lm_head.weight"])
-            for i, b in enumerate(model.blocks):
-                p = f"model.layers.{i}."
-                b.attn_norm.weight.copy_(sd[p + "input_layernorm.weight"])
-                b.attn.wqkv.weight.copy_(torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
-                b.attn.wo.weight.copy_(sd[p + "self_attn.o_proj.weight"])
-                b.mlp_norm.weight.copy_(sd[p + "post_attention_layernorm.weight"])
-                b.mlp.w13.weight.copy_(torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]))
-                b.mlp.w2.weight.copy_(sd[p + "mlp.down_proj.weight"])
-    except (KeyError, RuntimeError) as e:
-        raise GenlabError(f"{d / WEIGHTS_NAME} does not fit its Llama config ({e})") from None
-    return model.to(map_location)

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from genlab.errors import GenlabError
-from genlab.models.base import CONFIG_NAME, load_weights
+from genlab.models.base import load_weights
 
 MANIFEST = "checkpoint.json"
 STATE = "state.pt"
@@ -195,15 +195,3 @@ def quarantine(path: Path) -> Path:
         shutil.rmtree(target)
     os.rename(path, target)
     return target
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder (with config.json), or a run folder whose exported model is in `model/`."""
-    p = Path(path).expanduser()
-    if (p / CONFIG_NAME).is_file():
-        return p
-    if (p / "model" / CONFIG_NAME).is_file():
-        return p / "model"
-    if (p / "checkpoints").is_dir():
-        raise GenlabError(f"run folder {p} has no exported model yet: let training finish (or resume it) first")
-    raise GenlabError(f"{p} is neither a model folder (config.json) nor a run folder with model/")
