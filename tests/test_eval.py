@@ -53,6 +53,21 @@ def test_reference_features_are_cached_and_identical(tiny_fnet, tmp_path):
     assert a.n == 2000 and a.logits.shape == (2000, 10)
 
 
+def test_reference_cache_tells_networks_with_the_same_hash_but_other_weights_apart(tiny_fnet):
+    """A network retrained under the same recipe hash (other weights) gets its own reference features."""
+    from genlab.data import load_dataset
+    from genlab.eval.reference import all_images, load_images, reference_features
+
+    recipe = F.FeatureRecipe(width=4, feature_dim=16, epochs=1, batch_size=64, seed=1)
+    net, meta = F.train_feature_network(load_dataset("mnist").subset(256), None, recipe, "classifier",
+                                        progress=False)
+    other = F.FeatureNetwork(net, {**tiny_fnet.meta, **meta, "recipe": vars(recipe)})
+    assert other.hash == tiny_fnet.hash and other.weights_digest != tiny_fnet.weights_digest
+    a, b = reference_features(tiny_fnet, "mnist", "test"), reference_features(other, "mnist", "test")
+    torch.testing.assert_close(b.features, other.embed(all_images(load_images("mnist", "test")))[0], rtol=0, atol=0)
+    assert not torch.equal(a.features, b.features) and b.network["weights"] == other.weights_digest
+
+
 def test_training_evaluator_is_deterministic_and_plots(tiny_fnet, tmp_path):
     class Noise:
         family = "diffusion"  # takes one generator per image

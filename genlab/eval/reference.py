@@ -1,4 +1,4 @@
-"""Reference features of real data, cached per dataset, split and feature network (with the n they hold)."""
+"""Reference features of real data, cached per dataset, split and feature network weights (with the n they hold)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def reference_features(fnet: FeatureNetwork, data: DataConfig | str = "mnist", s
     ds = load_images(data, split, image_size=fnet.meta["image_size"])
     digest = data_hash(ds)
     slug = Path(name).name or "data"
-    path = cache_dir() / "reference" / f"{slug}-{split}-{fnet.hash}-{digest[:16]}.safetensors"
+    # keyed by the network's weights, not only its recipe hash: a network retrained under the same hash (another
+    # machine, another library version) must not reuse features computed in the old weights
+    path = cache_dir() / "reference" / f"{slug}-{split}-{fnet.hash}-{fnet.weights_digest}-{digest[:16]}.safetensors"
     if path.is_file() and not refresh:
         try:
             t = load_file(str(path))
