@@ -125,8 +125,7 @@ def _list_samplers() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genlab.models.base import GenerativeModel
-    from genlab.models.base import resolve_model_dir
+    from genlab.models.base import GenerativeModel, resolve_model_dir
 
     if args.list_samplers:
         return _list_samplers()

@@ -155,7 +155,10 @@ def resolve_model_dir(path: str | Path) -> Path:
         return p / "model"
     if (p / "checkpoints").is_dir():
         raise GenlabError(f"run folder {p} has no exported model yet: let training finish (or resume it) first")
-    raise GenlabError(f"{p} is neither a model folder (config.json) nor a run folder with model/")def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
+    raise GenlabError(f"{p} is neither a model folder (config.json) nor a run folder with model/")
+
+
+def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:
     """Read a safetensors file, turning a truncated or corrupt file into a one-line error."""
     if not path.is_file():
         raise GenlabError(f"missing weights file {path}")
