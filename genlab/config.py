@@ -59,6 +59,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_n: int = 0  # images generated for KID/FID at each evaluation (image families; 0: validation loss only)
     max_minutes: float | None = None  # stop (with a checkpoint) after this wall-clock time
+    dist_timeout_minutes: float = 60.0  # how long a process waits for the others (e.g. while rank 0 hashes)
     compile: bool = False
     channels_last: bool = False
 

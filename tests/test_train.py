@@ -262,6 +262,7 @@ def test_cli_unknown_key_fails_before_any_work(tmp_path, capsys, override, named
     ("train.batch_size=6", "train.batch_size=6 must be divisible by grad_accum x processes = 4 x 1"),
     ("train.ema_decay=1", "train.ema_decay must be in [0, 1)"),
     ("train.steps=0", "train.steps must be at least 1"),
+    ("train.dist_timeout_minutes=0", "train.dist_timeout_minutes must be in (0, 10080]"),
 ])
 def test_bad_train_values_fail_before_any_work(tmp_path, override, message):
     cfg = toy_family.toy_config(tmp_path, "train.grad_accum=4", override)
@@ -358,3 +359,26 @@ def test_cuda_rng_of_the_rank_s_own_gpu_resumes_on_fewer_gpus(tmp_path, monkeypa
     one = fake_gpus(monkeypatch, 1)
     ckpt.set_rng_state(state["rng"][0], torch.device("cuda", 0))
     assert torch.equal(one.states[0], torch.full((16,), 5, dtype=torch.uint8))
+
+
+def test_processes_wait_for_one_another_as_long_as_the_recipe_says(tmp_path, monkeypatch):
+    """The process group is made with train.dist_timeout_minutes (default 60), not the backend's short default:
+    rank 0 alone may train the feature network or hash a large checkpoint while the others wait."""
+    from datetime import timedelta
+
+    from accelerate.utils import InitProcessGroupKwargs
+
+    import genlab.train.trainer as trainer_module
+
+    made = []
+
+    class RecordingAccelerator(trainer_module.Accelerator):
+        def __init__(self, *args, **kw):
+            made.append(kw)
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(trainer_module, "Accelerator", RecordingAccelerator)
+    for sets, minutes in [((), 60), (("train.dist_timeout_minutes=90",), 90)]:
+        Trainer(toy_family.toy_config(tmp_path, "train.steps=1", *sets), tmp_path / f"run{minutes}")
+        (init,) = [h for h in made[-1]["kwargs_handlers"] if isinstance(h, InitProcessGroupKwargs)]
+        assert init.timeout == timedelta(minutes=minutes)

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, gather_object, set_seed
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -65,7 +66,8 @@ from genlab.train.schedule import SCHEDULES, make_schedulers
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # config keys that may change when a run is resumed: they steer bookkeeping, not the optimization
 RESUME_MAY_CHANGE = ("name", "out_dir", "train.max_minutes", "train.log_every", "train.sample_every",
-                     "train.eval_every", "train.eval_n", "train.ckpt_every", "train.keep_last", "sample.")
+                     "train.eval_every", "train.eval_n", "train.ckpt_every", "train.keep_last",
+                     "train.dist_timeout_minutes", "sample.")
 RUN_OUTPUTS = ("checkpoints", "samples", "model", "metrics.jsonl", "config.yaml")
 # fp16: steps in a row the loss scaler may skip (halving its scale each time) before the run counts as diverged
 MAX_SKIPPED_STEPS = 20
@@ -164,6 +166,8 @@ def _check_train_config(t: Any) -> None:
                           f"{', '.join(PRECISIONS)}")
     if t.max_minutes is not None and t.max_minutes <= 0:
         raise GenlabError(f"train.max_minutes must be positive, got {t.max_minutes}")
+    if not 0 < t.dist_timeout_minutes <= 7 * 24 * 60:
+        raise GenlabError(f"train.dist_timeout_minutes must be in (0, 10080] (a week), got {t.dist_timeout_minutes}")
 
 
 def nonfinite_stop(stats: dict[str, float], scaled: bool, skipped: int) -> tuple[str | None, int]:
@@ -205,7 +209,8 @@ class Trainer:
         multi_cpu = not cuda and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = acc = Accelerator(
             mixed_precision="no" if precision == "fp32" else precision, cpu=multi_cpu,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True),
+                             InitProcessGroupKwargs(timeout=timedelta(minutes=t.dist_timeout_minutes))],
         )
         self.world, self.rank = acc.num_processes, acc.process_index
         if t.batch_size % (self.world * t.grad_accum):
