@@ -382,3 +382,20 @@ def test_processes_wait_for_one_another_as_long_as_the_recipe_says(tmp_path, mon
         Trainer(toy_family.toy_config(tmp_path, "train.steps=1", *sets), tmp_path / f"run{minutes}")
         (init,) = [h for h in made[-1]["kwargs_handlers"] if isinstance(h, InitProcessGroupKwargs)]
         assert init.timeout == timedelta(minutes=minutes)
+
+
+def test_resuming_with_another_number_of_processes_warns_that_it_is_not_bit_exact(tmp_path, capsys):
+    """A checkpoint saved by 2 processes resumes on 1 with a one-line warning (and the same process count, none)."""
+    run = train(toy_family.toy_config(tmp_path, "train.steps=6"), tmp_path / "run")
+    ckpt.quarantine(run / "checkpoints" / "step_0000006")
+    weights, state = ckpt.load_checkpoint(run / "checkpoints" / "step_0000003")
+    capsys.readouterr()
+    assert Trainer(toy_family.toy_config(tmp_path, "train.steps=6"), run).step == 3
+    assert "warning" not in capsys.readouterr().out
+    ckpt.save_checkpoint(run / "checkpoints", 3, weights, {**state, "world_size": 2, "rng": state["rng"] * 2})
+    trainer = Trainer(toy_family.toy_config(tmp_path, "train.steps=6"), run)
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "saved by 2 processes and resumes on 1" in warnings[0]
+    assert "not bit for bit" in warnings[0]
+    trainer.fit()
+    assert trainer.step == 6

@@ -298,6 +298,11 @@ class Trainer:
                 raise GenlabError(f"the config differs from the run in {self.run_dir} at {key} ({a!r} -> {b!r}): "
                                   "use a new run name (--set name=...) or --no-resume")
             self._load_state(weights, state)
+            saved_world = int(state.get("world_size", self.world))
+            if saved_world != self.world:
+                self.log(f"warning: {path.name} was saved by {saved_world} processes and resumes on {self.world}: "
+                         "training goes on, but not bit for bit as it would have (each process draws its own "
+                         "random numbers, and gradients add up in another order)")
             self.accelerator.wait_for_everyone()
             if self.is_main:
                 for p in broken:
