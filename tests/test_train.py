@@ -21,7 +21,7 @@ from genlab.train import checkpoint as ckpt
 from genlab.train.ema import EMA
 from genlab.train.lock import LOCK_NAME, run_lock
 from genlab.train.schedule import lr_factor
-from genlab.train.trainer import MAX_SKIPPED_STEPS, DataOrder, nonfinite_stop
+from genlab.train.trainer import MAX_SKIPPED_STEPS, DataOrder, nonfinite_stop, run_end
 
 
 def steps_of(run_dir):
@@ -234,6 +234,19 @@ def test_resume_refuses_a_changed_config_and_no_resume_starts_over(tmp_path):
     assert again.step == 3
     fresh = Trainer(toy_family.toy_config(tmp_path, "train.steps=3", "train.lr=0.02"), run, resume=False)
     assert fresh.step == 0 and steps_of(run) == [] and not (run / "metrics.jsonl").exists()
+
+
+def test_a_time_limited_run_shows_the_time_left_and_the_step_it_will_reach():
+    """An 8-minute run of 100,000 steps at 4.6 steps/s ends at the limit, not in six hours."""
+    end, eta = run_end(step=276, steps=100_000, done=276, seconds=60.0, time_left=420.0)
+    assert eta == 420.0 and end == 276 + int(4.6 * 420)
+    end, eta = run_end(step=276, steps=1000, done=276, seconds=60.0, time_left=420.0)  # the steps end first
+    assert end == 1000 and eta == pytest.approx((1000 - 276) / 4.6)
+    end, eta = run_end(step=5276, steps=100_000, done=276, seconds=60.0, time_left=420.0)  # resumed at step 5000
+    assert end == 5276 + int(4.6 * 420) and eta == 420.0
+    assert run_end(step=0, steps=100, done=0, seconds=0.0, time_left=30.0) == (100, 30.0)  # no rate yet
+    assert run_end(step=0, steps=100, done=0, seconds=0.0, time_left=None) == (100, None)
+    assert run_end(step=9, steps=100, done=9, seconds=60.0, time_left=-1.0) == (9, 0.0)  # past the limit
 
 
 def test_max_minutes_stops_with_checkpoint_and_model(tmp_path):

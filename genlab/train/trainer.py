@@ -180,6 +180,21 @@ def nonfinite_stop(stats: dict[str, float], scaled: bool, skipped: int) -> tuple
     return (bad[0] if stop else None), skipped
 
 
+def run_end(step: int, steps: int, done: int, seconds: float, time_left: float | None) -> tuple[int, float | None]:
+    """The step a run will stop at and the seconds until then: `steps` at the rate so far (`done` steps in
+    `seconds`), or, when `time_left` (of `train.max_minutes`) runs out first, the step it reaches by then.
+    Without a rate yet, the time left (None without a limit)."""
+    if time_left is not None:
+        time_left = max(time_left, 0.0)
+    if done <= 0 or seconds <= 0:
+        return steps, time_left
+    rate = done / seconds
+    steps_eta = (steps - step) / rate
+    if time_left is None or steps_eta <= time_left:
+        return steps, steps_eta
+    return min(steps, step + int(rate * time_left)), time_left
+
+
 class Trainer:
     """Train `cfg.family` on `cfg.data` with AdamW, warmup + cosine LR, clipping, accumulation and EMA.
 
@@ -437,6 +452,7 @@ class Trainer:
                     desc=self.cfg.name)
         window: dict[str, float] = {}
         window_n, window_t = 0, time.monotonic()
+        first_step, loop_start = self.step, window_t
         old_handlers = self._install_signal_handlers()
         interrupted = time_up = False
         skipped = 0  # steps in a row with a non-finite loss or gradient
@@ -458,6 +474,7 @@ class Trainer:
                 for k, v in stats.items():
                     window[k] = window.get(k, 0.0) + v
                 window_n += 1
+                self._time_limited_bar(pbar, self.step - first_step, time.monotonic() - loop_start)
                 pbar.update(1)
                 pbar.set_postfix(loss=f"{stats['loss']:.4g}", lr=f"{lr:.2e}", refresh=False)
                 if self.step % t.log_every == 0 or self.step == t.steps or interrupted or time_up:
@@ -493,6 +510,21 @@ class Trainer:
             self.accelerator.wait_for_everyone()
             torch.distributed.destroy_process_group()
         return self.run_dir / "model"
+
+    def _time_limited_bar(self, pbar: Any, done: int, seconds: float) -> None:
+        """With `train.max_minutes` ending the run before `train.steps`, the bar runs to the step the time limit
+        will reach and shows the time left (see `run_end`); otherwise it counts to `train.steps` as usual."""
+        limit = self.cfg.train.max_minutes
+        if limit is None:
+            return
+        end, eta = run_end(self.step, self.cfg.train.steps, done, seconds,
+                           60 * limit - (time.monotonic() - self.t_start))
+        if end < self.cfg.train.steps and eta is not None:
+            pbar.total = end
+            pbar.bar_format = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt} steps [{elapsed}<"
+                               f"{tqdm.format_interval(eta)} to the {limit:g} min limit, " "{rate_fmt}{postfix}]")
+        else:
+            pbar.total, pbar.bar_format = self.cfg.train.steps, None
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """First Ctrl-C (SIGINT) or SIGTERM (a launcher or scheduler stopping the job): finish the step, save and
