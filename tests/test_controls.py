@@ -12,7 +12,7 @@ from genlab.errors import GenlabError
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.registry import SAMPLERS
 from genlab.sampling.controls import img2img_sigmas, iter_steps, repaint_schedule
-from genlab.sampling.diffusion import classifier_free_guidance, rescale_guidance
+from genlab.sampling.denoiser import classifier_free_guidance, rescale_guidance
 from genlab.sampling.solvers import sampler_defaults, sampler_options
 
 STEPS = 6

@@ -14,7 +14,7 @@ from genlab.data.images import read_params
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
-from genlab.sampling.diffusion import classifier_free_guidance
+from genlab.sampling.denoiser import classifier_free_guidance
 
 TINY = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), head_channels=8,
             norm_groups=4)

@@ -68,6 +68,16 @@ def test_reference_cache_tells_networks_with_the_same_hash_but_other_weights_apa
     assert not torch.equal(a.features, b.features) and b.network["weights"] == other.weights_digest
 
 
+def test_real_images_at_a_run_size_take_the_generated_images_path(tiny_fnet):
+    """A perfect 32 px model of MNIST (its images are the test split loaded at 32 px) scores FID 0 against the
+    test split: real and generated images reach the 28 px network through the same resizes."""
+    from genlab.eval.reference import all_images, load_images
+
+    perfect = all_images(load_images("mnist", "test", image_size=32))
+    r = R.evaluate_images(perfect, "mnist", "test", metrics=("fid",), fnet=tiny_fnet)
+    assert r["fid"] == pytest.approx(0, abs=1e-6) and r["reference"]["image_size"] == 32
+
+
 def test_training_evaluator_is_deterministic_and_plots(tiny_fnet, tmp_path):
     class Noise:
         family = "diffusion"  # takes one generator per image

@@ -19,7 +19,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel  # noqa: E402
 from genlab.registry import SAMPLERS  # noqa: E402
-from genlab.sampling.diffusion import default_noise_sampler  # noqa: E402
+from genlab.sampling.noise import default_noise_sampler  # noqa: E402
 from genlab.sampling.schedules import get_sigmas, t_to_sigma  # noqa: E402
 
 T, STEPS, SHAPE = 1000, 8, (2, 1, 8, 8)

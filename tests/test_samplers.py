@@ -6,8 +6,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.registry import SAMPLERS
-from genlab.sampling.diffusion import sample_ddpm
 from genlab.sampling.schedules import spaced_timesteps
+from genlab.sampling.solvers import sample_ddpm
 
 DIFFUSERS_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 

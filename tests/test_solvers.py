@@ -14,6 +14,7 @@ import torch
 
 from genlab.errors import GenlabError
 from genlab.registry import SAMPLERS
+from genlab.sampling.noise import BrownianNoiseSampler
 from genlab.sampling.schedules import (
     alpha_bar_from_betas,
     get_sigmas,
@@ -23,7 +24,6 @@ from genlab.sampling.schedules import (
     sigma_to_t,
     t_to_sigma,
 )
-from genlab.sampling.solvers import BrownianNoiseSampler
 
 MU, S = 0.5, 1.0
 SIGMA_MIN, SIGMA_MAX = 0.01, 20.0

@@ -28,13 +28,15 @@ class Reference:
     logits: Tensor | None
     network: dict[str, Any]
     data_hash: str
+    image_size: int  # the side the split was loaded at (the generated images' side), before the network's resize
 
     @property
     def n(self) -> int:
         return len(self.features)
 
     def describe(self) -> dict[str, Any]:
-        return {"dataset": self.dataset, "split": self.split, "n": self.n, "data_hash": self.data_hash[:16]}
+        return {"dataset": self.dataset, "split": self.split, "n": self.n, "image_size": self.image_size,
+                "data_hash": self.data_hash[:16]}
 
 
 def load_images(data: DataConfig | str, split: str, image_size: int | None = None) -> ImageDataset:
@@ -55,10 +57,17 @@ def all_images(ds: ImageDataset) -> Tensor:
 
 
 def reference_features(fnet: FeatureNetwork, data: DataConfig | str = "mnist", split: str = "test",
-                       refresh: bool = False) -> Reference:
-    """Features of every image of a real split, computed once and cached next to the feature network."""
+                       refresh: bool = False, image_size: int | None = None) -> Reference:
+    """Features of every image of a real split, computed once and cached next to the feature network.
+
+    `image_size` is the side of the generated images they will be compared with (default: a run's
+    `data.image_size` when `data` is its config, else the network's own side): the split is loaded at that side by
+    the data pipeline's own resize, the one a model was trained on, and then takes the generated images' path into
+    the network (`FeatureNetwork.preprocess`).
+    """
     name = data if isinstance(data, str) else data.name
-    ds = load_images(data, split, image_size=fnet.meta["image_size"])
+    size = image_size or (None if isinstance(data, str) else data.image_size) or fnet.meta["image_size"]
+    ds = load_images(data, split, image_size=size)
     digest = data_hash(ds)
     slug = Path(name).name or "data"
     # keyed by the network's weights, not only its recipe hash: a network retrained under the same hash (another
@@ -67,13 +76,13 @@ def reference_features(fnet: FeatureNetwork, data: DataConfig | str = "mnist", s
     if path.is_file() and not refresh:
         try:
             t = load_file(str(path))
-            return Reference(name, split, t["features"], t.get("logits"), fnet.describe(), digest)
+            return Reference(name, split, t["features"], t.get("logits"), fnet.describe(), digest, size)
         except (SafetensorError, OSError):
             pass  # a torn cache file: recompute it below
-    feats, logits = fnet.embed(all_images(ds), with_logits=True)
+    feats, logits = fnet.embed(all_images(ds), with_logits=True, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"features": feats} | ({"logits": logits} if logits is not None else {})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"network": json.dumps(fnet.describe()), "n": str(len(feats))})
     tmp.replace(path)
-    return Reference(name, split, feats, logits, fnet.describe(), digest)
+    return Reference(name, split, feats, logits, fnet.describe(), digest, size)

@@ -55,9 +55,10 @@ def metrics_from_features(ref: Reference, fake: Tensor, fake_logits: Tensor | No
 def evaluate_images(images: Tensor, data: DataConfig | str = "mnist", split: str = "test",
                     metrics: Sequence[str] = ("fid", "kid", "prc"), fnet: FeatureNetwork | None = None,
                     **kw: Any) -> dict[str, Any]:
-    """FID / KID / IS / precision-recall of images in [-1, 1] against a real split, in genlab's feature network."""
+    """FID / KID / IS / precision-recall of images in [-1, 1] against a real split, in genlab's feature network
+    (the split loaded at the images' side, so both take the same resizes into the network)."""
     fnet = fnet or get_feature_network(data)
-    ref = reference_features(fnet, data, split)
+    ref = reference_features(fnet, data, split, image_size=images.shape[-1])
     feats, logits = fnet.embed(images, with_logits="is" in metrics)
     return metrics_from_features(ref, feats, logits, metrics, **kw)
 

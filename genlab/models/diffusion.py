@@ -1,5 +1,5 @@
 """Denoising diffusion (Ho et al. 2020) with an eps-predicting backbone, classifier-free guidance
-(Ho & Salimans 2022) and the samplers of `genlab.sampling.diffusion`."""
+(Ho & Salimans 2022) and the samplers of `genlab.sampling.solvers`."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from genlab.sampling.controls import (
     paste,
     sample_repaint,
 )
-from genlab.sampling.diffusion import Denoiser, Generators, classifier_free_guidance, randn
+from genlab.sampling.denoiser import Denoiser, classifier_free_guidance
+from genlab.sampling.noise import Generators, randn
 from genlab.sampling.schedules import (
     BETA_SCHEDULES,
     ZERO_SNR_ALPHA_BAR,

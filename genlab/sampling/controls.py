@@ -17,7 +17,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from genlab.errors import GenlabError
-from genlab.sampling.diffusion import Denoiser, NoiseSampler, default_noise_sampler, sample_ddpm
+from genlab.sampling.denoiser import Denoiser
+from genlab.sampling.noise import NoiseSampler, default_noise_sampler
+from genlab.sampling.solvers import sample_ddpm
 
 Callback = Callable[[dict[str, Any]], None]
 

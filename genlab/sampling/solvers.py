@@ -1,15 +1,15 @@
-"""The k-diffusion / A1111 samplers as pure functions over a denoiser `D(x, sigma, cond)`.
+"""Every diffusion sampler as a pure function over a denoiser `D(x, sigma, cond)`: DDIM, DDPM and the
+k-diffusion / A1111 samplers, each registered in `SAMPLERS` under its k-diffusion name.
 
 Every sampler walks `x` through descending `sigmas` (ending in 0) of the variance-exploding view
-x = x0 + sigma * eps, following k-diffusion's `sampling.py` (Karras et al. 2022; Lu et al. 2022;
-Zhao et al. 2023). Stochastic steps take their noise from `noise_sampler(sigma, sigma_next)`;
+x = x0 + sigma * eps, following k-diffusion's `sampling.py` (Song et al. 2021; Ho et al. 2020; Karras et al. 2022;
+Lu et al. 2022; Zhao et al. 2023). Stochastic steps take their noise from `noise_sampler(sigma, sigma_next)`;
 `callback` receives one dict per step with `i`, `x`, `sigma`, `sigma_hat` and `denoised` (the preview).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from genlab.errors import GenlabError
 from genlab.registry import SAMPLERS
-from genlab.sampling.diffusion import Denoiser, Generators, NoiseSampler, default_noise_sampler, randn, to_d
+from genlab.sampling.denoiser import Denoiser, to_d
+from genlab.sampling.noise import BrownianNoiseSampler, Generators, NoiseSampler, default_noise_sampler
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -64,42 +65,6 @@ def get_ancestral_step(sigma_from: Tensor, sigma_to: Tensor, eta: float = 1.0) -
     return (sigma_to**2 - sigma_up**2).sqrt(), sigma_up
 
 
-class BrownianNoiseSampler:
-    """Increments of one Brownian path W(sigma), normalised: (W(s1) - W(s0)) / sqrt(|s1 - s0|).
-
-    Points are drawn lazily; a point between two known ones comes from the Brownian bridge, so
-    sub-steps (dpmpp_sde's midpoints) stay consistent with whole steps (Kidger et al. 2021, the
-    Brownian-interval idea behind k-diffusion's BrownianTreeNoiseSampler).
-    """
-
-    def __init__(self, x: Tensor, generator: Generators = None) -> None:
-        self.shape, self.device, self.dtype, self.generator = tuple(x.shape), x.device, x.dtype, generator
-        self.points: dict[float, Tensor] = {0.0: torch.zeros(self.shape, device=x.device, dtype=x.dtype)}
-
-    def _z(self) -> Tensor:
-        return randn(self.shape, self.generator, self.device, self.dtype)
-
-    def w(self, t: float) -> Tensor:
-        """W(t): known, bridged between the nearest known points, or extended beyond the largest."""
-        if t in self.points:
-            return self.points[t]
-        below = max((s for s in self.points if s < t), default=None)
-        above = min((s for s in self.points if s > t), default=None)
-        if above is None:
-            value = self.points[below] + math.sqrt(t - below) * self._z()
-        else:
-            lo = below if below is not None else 0.0
-            frac = (t - lo) / (above - lo)
-            mean = self.points[lo] + frac * (self.points[above] - self.points[lo])
-            value = mean + math.sqrt((t - lo) * (above - t) / (above - lo)) * self._z()
-        self.points[t] = value
-        return value
-
-    def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-        t0, t1 = float(sigma), float(sigma_next)
-        return (self.w(t1) - self.w(t0)) / math.sqrt(abs(t1 - t0))
-
-
 BROWNIAN_SAMPLERS = ("dpmpp_sde", "dpmpp_2m_sde", "dpmpp_3m_sde")
 
 
@@ -117,6 +82,55 @@ def _churn(x: Tensor, sigma: Tensor, steps: int, s_churn: float, s_tmin: float, 
     if gamma > 0:
         x = x + noise_sampler(sigma, sigma_hat) * s_noise * (sigma_hat**2 - sigma**2).sqrt()
     return x, sigma_hat
+
+
+@SAMPLERS.register("ddim")
+@torch.no_grad()
+def sample_ddim(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Any = None, eta: float = 0.0,
+                noise_sampler: NoiseSampler | None = None, callback: Callable[[dict], None] | None = None,
+                progress: bool = False) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) in sigma form; eta = 0 is deterministic (Euler on the ODE), eta = 1 is DDPM.
+
+    With sigma_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2) (eq. 16), a step is
+    x_next = x0_hat + sqrt(sigma_next^2 - sigma_up^2) * eps_hat + sigma_up * z.
+    """
+    noise_sampler = noise_sampler or default_noise_sampler(x)
+    s_in = x.new_ones(x.shape[0])
+    for i in _steps(sigmas, progress, "ddim"):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, cond)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        eps = to_d(x, sigma, denoised)
+        sigma_up = eta * sigma_next * (1 - sigma_next**2 / sigma**2).clamp(min=0).sqrt()
+        x = denoised + (sigma_next**2 - sigma_up**2).sqrt() * eps
+        if eta > 0 and sigma_next > 0:
+            x = x + sigma_up * noise_sampler(sigma, sigma_next)
+    return x
+
+
+@SAMPLERS.register("ddpm")
+@torch.no_grad()
+def sample_ddpm(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Any = None,
+                noise_sampler: NoiseSampler | None = None, callback: Callable[[dict], None] | None = None,
+                progress: bool = False) -> Tensor:
+    """Ancestral DDPM (Ho et al. 2020, alg. 2): draw from the posterior q(x_prev | x, x0_hat) (eqs. 6-7).
+
+    In sigma form the posterior is N(x0_hat + (sigma_next / sigma)^2 (x - x0_hat),
+    sigma_next^2 (1 - sigma_next^2 / sigma^2)), the "fixed small" variance beta_tilde.
+    """
+    noise_sampler = noise_sampler or default_noise_sampler(x)
+    s_in = x.new_ones(x.shape[0])
+    for i in _steps(sigmas, progress, "ddpm"):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma * s_in, cond)
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        ratio = sigma_next**2 / sigma**2
+        x = denoised + ratio * (x - denoised)
+        if sigma_next > 0:
+            x = x + sigma_next * (1 - ratio).sqrt() * noise_sampler(sigma, sigma_next)
+    return x
 
 
 @SAMPLERS.register("euler")
