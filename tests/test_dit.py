@@ -1,4 +1,5 @@
-"""DiT backbone: shapes, adaLN-Zero identity at init, position embedding against diffusers, backbone choice."""
+"""DiT backbone: shapes, adaLN-Zero identity at init, position embedding against diffusers, backbone choice,
+and a tiny DiT that memorizes a handful of digits."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed
 
+from genlab.config import DataConfig
+from genlab.data import load_dataset
 from genlab.errors import GenlabError
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.nn.dit import DiT, sincos_pos_embed_2d
@@ -96,3 +99,40 @@ def test_dit_diffusion_trains_and_round_trips(tmp_path):
     a = model.sample(2, generator=torch.Generator().manual_seed(3), **kw)
     b = loaded.sample(2, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a, b)
+
+
+def test_tiny_dit_memorizes_a_handful_of_digits():
+    """A tiny DiT trained on four MNIST digits (one per label) for 200 steps reproduces each from pure noise when
+    asked for its label (deterministic DDIM, written out here), and at a fixed noise level its x0 error falls far
+    below that of the best constant predictor (the mean image). A DiT whose label embedding does not reach the
+    blocks, whose positions are missing or whose adaLN gates never open draws the same blur for every label."""
+    size, n = 12, 4
+    ds = load_dataset(DataConfig(name="mnist", image_size=size))
+    batch = ds.get_batch([int((ds.labels == c).nonzero()[0]) for c in range(n)])
+    x0, y = batch["x"], batch["label"]
+    torch.manual_seed(0)
+    model = DiffusionModel(DiffusionConfig(backbone="dit", image_size=size, channels=1, num_classes=n, patch_size=2,
+                                           hidden_size=64, depth=2, num_heads=4, cond_drop=0.0, prediction="x0"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(200):
+        loss = model.training_losses({"x": x0.repeat(2, 1, 1, 1), "label": y.repeat(2)})["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net, alpha_bar = model.net.eval(), model.alpha_bar
+    with torch.no_grad():
+        x = torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(1))
+        ts = torch.linspace(999, 0, 25).round().long()
+        for i, t in enumerate(ts):  # DDIM, eta = 0 (Song et al. 2021, eq. 12)
+            ab, ab_prev = alpha_bar[t], alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+            x0_hat = net(x, t.expand(n), y).clamp(-1, 1)
+            eps = (x - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+            x = ab_prev.sqrt() * x0_hat + (1 - ab_prev).sqrt() * eps
+        dist = ((x[:, None] - x0[None]) ** 2).flatten(2).mean(2)  # (sample, training image)
+        assert dist.argmin(1).tolist() == list(range(n))
+        assert dist.diag().max() < 0.05
+        t = torch.full((8 * n,), 500)
+        xs, ab = x0.repeat(8, 1, 1, 1), alpha_bar[t].view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * xs + (1 - ab).sqrt() * torch.randn(xs.shape, generator=torch.Generator().manual_seed(2))
+        err = ((net(x_t, t, y.repeat(8)) - xs) ** 2).mean()
+    assert err < 0.25 * ((x0 - x0.mean(0)) ** 2).mean()
