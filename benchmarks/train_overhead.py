@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from genlab.config import load_run_config  # noqa: E402
+from genlab.files import read_jsonl  # noqa: E402
 from genlab.train import Trainer  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main() -> None:
         cfg = load_run_config(None, [*sets, f"name=trainer{r}"])
         trainer = Trainer(cfg, resume=False)
         trainer.fit()
-        lines = [json.loads(x) for x in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        lines = read_jsonl(trainer.run_dir / "metrics.jsonl")
         trainer_rates.append([x["steps_per_s"] for x in lines if x["split"] == "train"][1])
 
         bare = Trainer(load_run_config(None, [*sets, f"name=bare{r}"]), resume=False)

@@ -13,6 +13,7 @@ from genlab.errors import GenlabError
 from genlab.eval import features as F
 from genlab.eval import metrics as M
 from genlab.eval import report as R
+from genlab.plots import plot_eval_metrics
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ def test_training_evaluator_is_deterministic_and_plots(tiny_fnet, tmp_path):
     assert a == b and {"kid", "kid_se", "fid", "n_fake", "n_real"} <= set(a) and a["n_fake"] == 64
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps({"step": s, "split": "val", **a}) for s in (10, 20)) + "\n")
-    png = R.plot_eval_metrics(path, tmp_path / "samples" / "eval_metrics.png")
+    png = plot_eval_metrics(path, tmp_path / "samples" / "eval_metrics.png")
     assert png is not None and png.stat().st_size > 1000
 
 

@@ -13,6 +13,7 @@ import torch
 
 from genlab.config import load_run_config
 from genlab.data.images import save_grid
+from genlab.files import read_jsonl
 from genlab.models.base import GenerativeModel
 
 RECIPE = "mnist-ddpm"
@@ -88,10 +89,7 @@ def sample_in_batches(model: Any, labels: torch.Tensor, seed: int, batch: int = 
 
 
 def _last_step(run_dir: Path) -> int | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    steps = [json.loads(line).get("step") for line in path.read_text().splitlines() if line.strip()]
+    steps = [rec.get("step") for rec in read_jsonl(run_dir / "metrics.jsonl")]
     return max((s for s in steps if s is not None), default=None)
 
 

@@ -12,6 +12,8 @@ import torch
 from PIL import Image, PngImagePlugin
 from torch import Tensor
 
+from genlab.files import atomic_path
+
 PARAMS_KEY = "genlab"
 
 
@@ -54,9 +56,8 @@ def save_png(a: np.ndarray, path: str | Path, params: dict[str, Any] | None = No
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
-    tmp = path.with_name(path.name + ".tmp")
-    _pil(a).save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        _pil(a).save(tmp, format="PNG", pnginfo=info)
     return path
 
 

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from genlab.errors import GenlabError
+from genlab.files import write_atomic
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
@@ -67,10 +68,7 @@ class Tokenizer:
         if p.is_dir() or not p.suffix:
             p.mkdir(parents=True, exist_ok=True)
             p = p / TOKENIZER_NAME
-        tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(self.to_str())
-        tmp.replace(p)
-        return p
+        return write_atomic(p, self.to_str())
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from genlab.config import DataConfig
 from genlab.data import ImageDataset, load_dataset
 from genlab.errors import GenlabError
+from genlab.files import atomic_path, write_atomic
 from genlab.models.base import load_weights
 
 # bump when the network, the training loop or the preprocessing changes: it invalidates every cached network
@@ -249,12 +250,9 @@ def _test_split(cfg: DataConfig) -> ImageDataset | None:
 def save_feature_network(net: ConvNet, meta: dict[str, Any], folder: Path) -> None:
     """Write `model.safetensors` then `meta.json` (the json is written last: it marks the folder complete)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "model.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    tmp.replace(folder / "model.safetensors")
-    tmp = folder / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(folder / "meta.json")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    write_atomic(folder / "meta.json", json.dumps(meta, indent=2))
 
 
 def load_feature_network(folder: str | Path) -> FeatureNetwork:

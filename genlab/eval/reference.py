@@ -16,6 +16,7 @@ from genlab.config import DataConfig
 from genlab.data import ImageDataset, load_dataset
 from genlab.errors import GenlabError
 from genlab.eval.features import FeatureNetwork, cache_dir, data_hash
+from genlab.files import atomic_path
 
 
 @dataclass
@@ -82,7 +83,6 @@ def reference_features(fnet: FeatureNetwork, data: DataConfig | str = "mnist", s
     feats, logits = fnet.embed(all_images(ds), with_logits=True, progress=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"features": feats} | ({"logits": logits} if logits is not None else {})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"network": json.dumps(fnet.describe()), "n": str(len(feats))})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"network": json.dumps(fnet.describe()), "n": str(len(feats))})
     return Reference(name, split, feats, logits, fnet.describe(), digest, size)

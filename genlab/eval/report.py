@@ -7,7 +7,6 @@ numbers are comparable exactly when those fields agree.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -110,35 +109,6 @@ def make_training_evaluator(data: DataConfig | str, n: int = 500, split: str = "
         return {k: float(v) for k, v in r.items() if isinstance(v, int | float)}
 
     return evaluate
-
-
-def plot_eval_metrics(metrics_path: str | Path, out: str | Path, keys: Sequence[str] = ("kid", "fid")) -> Path | None:
-    """Plot the evaluation metrics of a run's `metrics.jsonl` against the step (KID with its standard error)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    series = {k: [(r["step"], r[k], r.get(f"{k}_se")) for r in rows if k in r and "step" in r] for k in keys}
-    series = {k: v for k, v in series.items() if v}
-    if not series:
-        return None
-    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
-    for ax, (k, pts) in zip(axes[0], series.items()):
-        steps, vals, ses = zip(*pts)
-        ax.plot(steps, vals, marker="o", ms=3)
-        if all(s is not None and math.isfinite(s) for s in ses):
-            ax.fill_between(steps, [v - s for v, s in zip(vals, ses)], [v + s for v, s in zip(vals, ses)], alpha=0.3)
-        n = next((r.get("n_fake") for r in rows if k in r), None)
-        ax.set(xlabel="step", ylabel=k.upper(), title=f"{k.upper()} (n={n})" if n else k.upper())
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
 
 
 def _fmt(v: Any) -> str:

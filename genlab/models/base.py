@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from genlab.config import from_dict, to_dict
 from genlab.errors import GenlabError
+from genlab.files import atomic_path, write_atomic
 from genlab.registry import MODELS
 
 CONFIG_NAME = "config.json"
@@ -85,14 +86,11 @@ class GenerativeModel(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         meta = {"family": self.family, "config": to_dict(self.config), "genlab_version": _version()}
-        tmp = d / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        tmp.replace(d / CONFIG_NAME)
+        write_atomic(d / CONFIG_NAME, json.dumps(meta, indent=2))
         sd = state_dict if state_dict is not None else self.state_dict()
         sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
-        tmpw = d / (WEIGHTS_NAME + ".tmp")
-        save_file(sd, str(tmpw), metadata={"family": self.family})
-        tmpw.replace(d / WEIGHTS_NAME)
+        with atomic_path(d / WEIGHTS_NAME) as tmp:
+            save_file(sd, str(tmp), metadata={"family": self.family})
         return d
 
     @classmethod

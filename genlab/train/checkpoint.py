@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from genlab.errors import GenlabError
+from genlab.files import fsync_path
 from genlab.models.base import load_weights
 
 MANIFEST = "checkpoint.json"
@@ -81,14 +82,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(root: Path, step: int, weights: dict[str, dict[str, Tensor]], state: dict[str, Any]) -> Path:
     """Write `root/step_XXXXXXX/` atomically (temp folder, fsync, rename) and return it."""
     root.mkdir(parents=True, exist_ok=True)
@@ -103,8 +96,8 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, dict[str, Tensor]]
     files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     for p in tmp.iterdir():
-        _fsync(p)
-    _fsync(tmp)
+        fsync_path(p)
+    fsync_path(tmp)
     if final.exists():  # the same step saved again (e.g. after a resume): swap, then drop the old one
         old = root / f".old-{final.name}-{os.getpid()}"
         os.rename(final, old)
@@ -112,7 +105,7 @@ def save_checkpoint(root: Path, step: int, weights: dict[str, dict[str, Tensor]]
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     return final
 
 

@@ -47,7 +47,9 @@ from tqdm.auto import tqdm
 from genlab.config import RunConfig, from_dict, to_dict
 from genlab.data import load_dataset
 from genlab.errors import GenlabError
+from genlab.files import read_jsonl, write_atomic
 from genlab.models.base import Output
+from genlab.plots import plot_eval_metrics, plot_losses
 from genlab.registry import MODELS
 from genlab.train.checkpoint import (
     list_checkpoints,
@@ -334,7 +336,7 @@ class Trainer:
                     p.unlink()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
+            write_atomic(self.run_dir / "config.yaml", yaml.safe_dump(self.resolved, sort_keys=False))
         self.accelerator.wait_for_everyone()
         return found
 
@@ -360,15 +362,8 @@ class Trainer:
         """Drop log lines past `step` (written by a run killed after its last checkpoint), and any torn line."""
         if not self.metrics_path.exists():
             return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("step", 0) <= step:
-                keep.append(line)
-        _write_atomic(self.metrics_path, "".join(f"{line}\n" for line in keep))
+        keep = [rec for rec in read_jsonl(self.metrics_path) if rec.get("step", 0) <= step]
+        write_atomic(self.metrics_path, "".join(json.dumps(rec) + "\n" for rec in keep))
 
     # -- one step -----------------------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, Any]:
@@ -591,8 +586,6 @@ class Trainer:
             self._write_metrics({"split": "val", **{k: float(v) for k, v in metrics.items()}})
             self.log(f"step {self.step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
         if self.evaluator is not None:
-            from genlab.eval.report import plot_eval_metrics
-
             plot_eval_metrics(self.metrics_path, self.samples_dir / "eval_metrics.png")
 
     def _preview(self) -> None:
@@ -635,52 +628,6 @@ class Trainer:
             plot_losses(self.metrics_path, self.samples_dir / "loss.png")
         self.accelerator.wait_for_everyone()
         return out
-
-
-def plot_losses(metrics_path: Path, out: Path) -> Path | None:
-    """Training loss (and validation metrics whose name contains "loss") against step, as a PNG."""
-    if not metrics_path.exists():
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    series: dict[str, tuple[list[int], list[float]]] = {}
-    for line in metrics_path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        for k, v in rec.items():
-            if "loss" in k and isinstance(v, int | float):
-                name = f"{rec.get('split', 'train')} {k}"
-                xs, ys = series.setdefault(name, ([], []))
-                xs.append(rec["step"])
-                ys.append(v)
-    if not series:
-        return None
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=name, linestyle="-" if name.startswith("train") else "--", marker=None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if all(y > 0 for _, ys in series.values() for y in ys):
-        ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.12, top=0.96)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp)
-    tmp.replace(out)
-    return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def train(cfg: RunConfig, run_dir: Path | None = None, resume: bool = True) -> Path:
