@@ -23,9 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=RECIPE, help="the recipe to train (a class-conditional image model)")
     p.add_argument("--minutes", type=float, default=None, help="training time bound (default: the recipe's)")
     p.add_argument("--per-class", type=int, default=100, help="samples per class for the report (default 100)")
-    p.add_argument("--sampler", default="ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--sampler", default=None, help="default: the recipe's sample.sampler")
+    p.add_argument("--steps", type=int, default=None, help="default: the recipe's sample.steps")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the recipe's sample.cfg)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -39,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if args.minutes is not None:
         overrides.append(f"train.max_minutes={args.minutes}")
     cfg = load_run_config(args.recipe, overrides)
+    sampler = args.sampler if args.sampler is not None else cfg.sample.sampler
+    steps = args.steps if args.steps is not None else cfg.sample.steps
+    scale = args.cfg if args.cfg is not None else cfg.sample.cfg
 
     t0 = time.monotonic()
     run_dir = train(cfg)
@@ -49,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
     n = num_classes * args.per_class
     labels = torch.arange(num_classes).repeat_interleave(args.per_class)
-    params = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "seed": args.seed}
+    params = {"sampler": sampler, "steps": steps, "cfg": scale, "seed": args.seed}
     t1 = time.monotonic()
-    images = sample_in_batches(model, labels, args.seed, sampler=args.sampler, steps=args.steps, cfg=args.cfg)
+    images = sample_in_batches(model, labels, args.seed, sampler=sampler, steps=steps, cfg=scale)
     sample_s = time.monotonic() - t1
     predicted = classifier.classify(images)
     per_class = [(predicted[labels == c] == c).float().mean().item() for c in range(num_classes)]
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     grid = save_grid(rows, out / "samples.png", nrow=10, params={**params, "labels": "one row per class"})
     metrics = {
         "recipe": args.recipe, "run_dir": str(run_dir), "train_seconds": round(train_s, 1),
-        "train_steps": _last_step(run_dir), "samples": n, **params,
+        "train_steps": _last_step(run_dir), "planned_steps": cfg.train.steps, "lr_schedule": cfg.train.lr_schedule,
+        "samples": n, **params,
         "sample_seconds": round(sample_s, 1), "classifier": classifier.describe(),
         "classifier_agreement": agreement, "classifier_agreement_per_class": per_class,
         **{k: quality[k] for k in ("fid", "kid", "kid_se", "n_real", "reference")},
@@ -93,6 +97,16 @@ def _last_step(run_dir: Path) -> int | None:
     return max((s for s in steps if s is not None), default=None)
 
 
+def _cut_short_note(m: dict[str, Any]) -> list[str]:
+    """A report line when the time limit stopped a decaying LR schedule early (its weights then keep the noise of a
+    high LR, which ODE samplers draw as speckle), with the step count that fits this machine."""
+    done, planned = m["train_steps"], m["planned_steps"]
+    if m["lr_schedule"] == "constant" or done is None or done >= planned:
+        return []
+    return [f"- the time limit stopped training at step {done} of {planned}, before the {m['lr_schedule']} LR "
+            f"schedule had decayed; on this machine `--set train.steps={done}` fits the time"]
+
+
 def write_report(path: Path, m: dict[str, Any], grid: Path) -> Path:
     """A short Markdown report: what was trained, how long, and how the samples measure."""
     c = m["classifier"]
@@ -100,6 +114,7 @@ def write_report(path: Path, m: dict[str, Any], grid: Path) -> Path:
         f"# genlab demo: {m['recipe']}",
         "",
         f"- run folder: `{m['run_dir']}`; trained {m['train_steps']} steps in {m['train_seconds']} s",
+        *_cut_short_note(m),
         f"- sampling: {m['samples']} images ({m['sampler']}, {m['steps']} steps, guidance {m['cfg']}, "
         f"seeds {m['seed']}..{m['seed'] + m['samples'] - 1}) in {m['sample_seconds']} s",
         f"- feature network `{c['name']}` (hash `{c['hash']}`), test accuracy {c['test_accuracy']:.2%}",
