@@ -15,6 +15,7 @@ from genlab.config import load_run_config
 from genlab.data.images import save_grid
 from genlab.files import read_jsonl
 from genlab.models.base import GenerativeModel
+from genlab.sampling.controls import Guidance
 
 RECIPE = "mnist-ddpm"
 
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     labels = torch.arange(num_classes).repeat_interleave(args.per_class)
     params = {"sampler": sampler, "steps": steps, "cfg": scale, "seed": args.seed}
     t1 = time.monotonic()
-    images = sample_in_batches(model, labels, args.seed, sampler=sampler, steps=steps, cfg=scale)
+    images = sample_in_batches(model, labels, args.seed, sampler=sampler, steps=steps, guidance=Guidance(scale))
     sample_s = time.monotonic() - t1
     predicted = classifier.classify(images)
     per_class = [(predicted[labels == c] == c).float().mean().item() for c in range(num_classes)]
@@ -85,10 +86,13 @@ def sample_in_batches(model: Any, labels: torch.Tensor, seed: int, batch: int = 
     from tqdm.auto import tqdm
 
     out = []
-    for s in tqdm(range(0, len(labels), batch), desc="sampling", unit="batch"):
+    bar = tqdm(total=len(labels), desc="sampling", unit="img")
+    for s in range(0, len(labels), batch):
         chunk = labels[s : s + batch]
         gens = [torch.Generator().manual_seed(seed + s + i) for i in range(len(chunk))]
         out.append(model.sample(len(chunk), cond=chunk, generator=gens, **opts))
+        bar.update(len(chunk))
+    bar.close()
     return torch.cat(out)
 
 

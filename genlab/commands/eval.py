@@ -16,9 +16,15 @@ from typing import Any
 import torch
 import yaml
 
+from genlab.commands.sample import check_family_takes, sampling_params
 from genlab.errors import GenlabError
+from genlab.models.base import GenerativeModel, Likelihood, Output, SampleOption
+from genlab.sampling.distributed import end, init_from_env, local_device
 
 MAX_N = 10_000
+EVAL_STEPS = 20  # sampling steps when --steps is not given, for a family that takes steps
+# the options of `genlab eval` that only some families take, by the capability they need
+FLAGS = {SampleOption.SAMPLER: ("sampler",), SampleOption.STEPS: ("steps",), SampleOption.GUIDANCE: ("cfg",)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,15 +34,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", help="reference split (default test)")
     p.add_argument("--metrics", default="fid,kid,is,prc", help="comma list of fid,kid,is,prc,nll")
     p.add_argument("--n", type=int, default=5000, help="generated images (1..10000)")
-    p.add_argument("--sampler", default="ddim", help="any registered sampler name")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--sampler", default=None, help="any registered sampler name (default: the family's, ddim)")
+    p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {EVAL_STEPS})")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the family's)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--batch", type=int, default=250, help="images per sampling batch")
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--nll-n", type=int, default=256, help="test images (or text blocks) for nll")
-    p.add_argument("--nll-method", default="vlb", help="diffusion: vlb (variational bound) or ode (PF-ODE)")
+    p.add_argument("--nll-method", default=None, help="diffusion: vlb (variational bound, default) or ode "
+                   "(PF-ODE); families with one estimate use their log_likelihood")
     p.add_argument("--nll-t-samples", type=int, default=50, help="timesteps per image for the vlb estimate")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval or eval-<model>)")
     p.add_argument("--retrain", action="store_true", help="features: retrain even when cached")
@@ -72,7 +79,7 @@ def _run_data(model_dir: Path) -> str | None:
 
 def _load_model(model_dir: Path, device: str) -> Any:
     """The family's own `from_pretrained` (a language model also loads its tokenizer.json)."""
-    from genlab.models.base import CONFIG_NAME, GenerativeModel
+    from genlab.models.base import CONFIG_NAME
     from genlab.registry import MODELS
 
     try:
@@ -84,48 +91,77 @@ def _load_model(model_dir: Path, device: str) -> Any:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from genlab.eval.features import get_feature_network
-    from genlab.eval.likelihood import nll_bits_per_dim
-    from genlab.eval.reference import all_images, load_images, reference_features
-    from genlab.eval.report import IMAGE_METRICS, metrics_from_features, parse_metrics, sample_images, write_report
+    from genlab.eval.report import parse_metrics
     from genlab.models.base import resolve_model_dir
     from genlab.registry import SAMPLERS
 
     metrics = parse_metrics(args.metrics)
     if not 1 <= args.n <= MAX_N:
         raise GenlabError(f"--n {args.n} is out of range; use 1..{MAX_N}")
-    if args.steps < 1 or args.batch < 1:
+    if (args.steps is not None and args.steps < 1) or args.batch < 1:
         raise GenlabError("--steps and --batch must be at least 1")
-    SAMPLERS.get(args.sampler)
+    if args.sampler is not None:
+        SAMPLERS.get(args.sampler)
     model_dir = resolve_model_dir(args.target)
     data = args.data or _run_data(model_dir)
     if data is None:
         raise GenlabError(f"{model_dir} has no run config.yaml naming its data; pass --data NAME")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = init_from_env()  # under torchrun / accelerate launch: each process draws its shard
+    try:
+        return _evaluate_model(args, model_dir, data, metrics, rank)
+    finally:
+        if world > 1:
+            end()
+
+
+def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metrics: list[str], rank: int) -> int:
+    """Sample (every process its shard), then measure and write on rank 0."""
+    from genlab.eval.features import get_feature_network
+    from genlab.eval.likelihood import nll_bits_per_dim
+    from genlab.eval.reference import all_images, load_images, reference_features
+    from genlab.eval.report import (
+        IMAGE_METRICS,
+        family_sample_options,
+        metrics_from_features,
+        sample_images,
+        write_report,
+    )
+
+    device = local_device(args.device)
     model = _load_model(model_dir, device)
+    check_family_takes(model, args, FLAGS)
+    image_metrics = [m for m in metrics if m in IMAGE_METRICS]
+    if image_metrics and model.output is not Output.IMAGE:
+        raise GenlabError(f"{','.join(image_metrics)} measure images, but the {model.family} family outputs "
+                          f"{model.output.value}; use --metrics nll")
+    if "nll" in metrics and model.likelihood is Likelihood.NONE:
+        raise GenlabError(f"this {model.family} model has no likelihood (nor a bound on it); leave nll out of "
+                          f"--metrics (it gives: {model.takes()})")
+    if args.nll_method is not None and args.nll_method not in model.likelihood_estimators:
+        offered = ", ".join(model.likelihood_estimators) or "none: it has one, its own log_likelihood"
+        raise GenlabError(f"--nll-method {args.nll_method}: the {model.family} family's estimators are {offered}")
     out_dir = Path(args.out) if args.out else (model_dir.parent / "eval" if (model_dir.parent / "config.yaml")
                                                .is_file() else Path(f"eval-{model_dir.name}"))
     result: dict[str, Any] = {"model": str(args.target), "family": model.family, "data": data}
-    images = None
-    image_metrics = [m for m in metrics if m in IMAGE_METRICS]
-    if image_metrics and getattr(model, "tokenizer", None) is not None:
-        raise GenlabError(f"{','.join(image_metrics)} measure images; for a language model use --metrics nll")
+    images = labels = None
     if image_metrics:
-        fnet = get_feature_network(data)
-        ref = reference_features(fnet, data, args.split)
-        diffusion = model.family == "diffusion"  # samplers, steps, guidance and per-image seeds
-        opts: dict[str, Any] = {"sampler": args.sampler, "steps": args.steps} if diffusion else {}
-        if args.cfg is not None and diffusion:
-            opts["cfg"] = args.cfg
-        labels = model.labels_for(args.n, None) if hasattr(model, "labels_for") else None
+        opts = family_sample_options(model, args.sampler, args.steps or EVAL_STEPS, args.cfg)
+        labels = model.labels_for(args.n)
         t0 = time.monotonic()
         images = sample_images(model.sample, args.n, args.seed, batch_size=args.batch, cond=labels, progress=True,
-                               per_item_seeds=diffusion, **opts)
-        result["sampling"] = {**opts, "seed": args.seed, "n": args.n, "seconds": round(time.monotonic() - t0, 1)}
-        feats, logits = fnet.embed(images, with_logits="is" in image_metrics)
+                               per_item_seeds=model.per_item_seeds, **opts)
+    if rank != 0:
+        return 0
+    if image_metrics:
+        fnet = get_feature_network(data)
+        result["sampling"] = {**sampling_params(model, opts), "seed": args.seed, "n": args.n,
+                              "seconds": round(time.monotonic() - t0, 1)}
+        # the real split at the generated images' side, so both take the same resizes into the network
+        ref = reference_features(fnet, data, args.split, image_size=images.shape[-1])
+        feats, logits = fnet.embed(images, with_logits="is" in image_metrics, progress=True)
         result |= metrics_from_features(ref, feats, logits, image_metrics, kid_subsets=args.kid_subsets,
                                         kid_subset_size=args.kid_subset_size, seed=args.seed)
-    if "nll" in metrics and getattr(model, "tokenizer", None) is not None:
+    if "nll" in metrics and model.output is Output.TEXT:
         result |= _perplexity(model, data, args.split, args.nll_n, device)
     elif "nll" in metrics:
         test = load_images(data, args.split)
@@ -133,12 +169,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(args.seed)
         bpd = nll_bits_per_dim(model, x, method=args.nll_method, t_samples=args.nll_t_samples, generator=g)
         result |= {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": float(bpd.std() / len(bpd) ** 0.5),
-                   "nll_method": args.nll_method if model.family == "diffusion" else "dequantized log_likelihood",
+                   "nll_method": args.nll_method or (model.likelihood_estimators or ("dequantized log_likelihood",))[0],
                    "nll_n": len(bpd)}
     nrow = None
     if images is not None and labels is not None:
-        per = max(1, min(10, args.n // model.num_classes))
-        images = torch.cat([images[labels == c][:per] for c in range(model.num_classes)])
+        classes = labels.unique()
+        per = max(1, min(10, args.n // len(classes)))
+        images = torch.cat([images[labels == c][:per] for c in classes])
         nrow = per
     elif images is not None:
         images = images[:100]

@@ -163,11 +163,14 @@ class FeatureNetwork(nn.Module):
               progress: bool = False) -> tuple[Tensor, Tensor | None]:
         """Features (and logits) of many images, in batches; float32 on the CPU."""
         feats, logits = [], []
-        for i in tqdm(range(0, len(images), batch_size), desc="features", disable=not progress, leave=False):
+        bar = tqdm(total=len(images), desc="features", unit="img", disable=not progress, leave=False)
+        for i in range(0, len(images), batch_size):
             h = self.net.features(self.preprocess(images[i : i + batch_size]))
+            bar.update(len(h))
             feats.append(h.float().cpu())
             if with_logits and self.meta["kind"] == "classifier":
                 logits.append(self.net.logits_from_features(h).float().cpu())
+        bar.close()
         f = torch.cat(feats) if feats else torch.zeros(0, self.num_features)
         return f, (torch.cat(logits) if logits else None)
 
@@ -335,7 +338,7 @@ def train_feature_network(train: ImageDataset, test: ImageDataset | None, recipe
     opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=total, pct_start=0.2)
     t0 = time.time()
-    bar = tqdm(total=total, desc=f"training {kind} on {train.info.name}", disable=not progress)
+    bar = tqdm(total=total, desc=f"training {kind} on {train.info.name}", unit="step", disable=not progress)
     net.train()
     for _ in range(recipe.epochs):
         perm = torch.randperm(len(train), generator=g)

@@ -20,6 +20,9 @@ from genlab.errors import GenlabError
 from genlab.eval import metrics as M
 from genlab.eval.features import FeatureNetwork, get_feature_network
 from genlab.eval.reference import Reference, reference_features
+from genlab.models.base import GenerativeModel, SampleOption
+from genlab.sampling.controls import Guidance
+from genlab.sampling.distributed import gather_shards, process_group, shard
 
 IMAGE_METRICS = ("fid", "kid", "is", "prc")
 ALL_METRICS = (*IMAGE_METRICS, "nll")
@@ -47,7 +50,7 @@ def metrics_from_features(ref: Reference, fake: Tensor, fake_logits: Tensor | No
             raise GenlabError(f"the Inception-style score needs a classifier; {ref.dataset!r} has no labels")
         out |= M.inception_score(fake_logits, splits=min(10, len(fake_logits)), seed=seed)
     if "prc" in metrics:
-        out |= M.precision_recall(ref.features, fake) | M.density_coverage(ref.features, fake)
+        out |= M.precision_recall_density_coverage(ref.features, fake, seed=seed)
     return out
 
 
@@ -66,44 +69,73 @@ def sample_images(sample: Callable[..., Tensor], n: int, seed: int, batch_size: 
                   cond: Tensor | None = None, progress: bool = False, per_item_seeds: bool = True,
                   **opts: Any) -> Tensor:
     """Draw `n` images with `sample(count, cond=..., generator=..., **opts)`: with `per_item_seeds` image i uses its
-    own generator seeded `seed + i` (families that take a list of generators), else batch b one seeded `seed + b`."""
+    own generator seeded `seed + i` (families that take a list of generators), else batch b one seeded `seed + b`.
+
+    Under several processes (torchrun, accelerate launch) each draws its shard of the n seeds and every process
+    returns all n images, the same as one process draws."""
     from tqdm.auto import tqdm
 
+    rank, world = process_group()
+    if world > 1 and not per_item_seeds:
+        raise GenlabError("this family draws a batch from one generator, so a split over processes would change "
+                          "the images; run it in one process")
+    items = shard(n, rank, world)
     out = []
-    for start in tqdm(range(0, n, batch_size), desc="sampling", unit="batch", disable=not progress):
-        count = min(batch_size, n - start)
+    bar = tqdm(total=len(items), desc="sampling", unit="img", disable=not progress or rank != 0)
+    for start in range(items.start, items.stop, batch_size):
+        count = min(batch_size, items.stop - start)
         if per_item_seeds:
             gen: Any = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
         else:
             gen = torch.Generator().manual_seed(seed + start)
         c = cond[start : start + count] if cond is not None else None
         out.append(sample(count, cond=c, generator=gen, **opts).cpu())
-    return torch.cat(out)
+        bar.update(count)
+    bar.close()
+    return gather_shards(torch.cat(out), n)
+
+
+def family_sample_options(model: Any, sampler: str | None = None, steps: int | None = None,
+                          guidance: float | None = None, eta: float | None = None) -> dict[str, Any]:
+    """The keyword arguments of `model.sample` among these (None = the family's default) that its family declares
+    it takes (`sample_options`); the rest are left out."""
+    takes, opts = model.sample_options, {}
+    if SampleOption.SAMPLER in takes:
+        opts |= {k: v for k, v in (("sampler", sampler), ("eta", eta)) if v is not None}
+    if SampleOption.STEPS in takes and steps is not None:
+        opts["steps"] = steps
+    if SampleOption.GUIDANCE in takes and guidance is not None:
+        opts["guidance"] = Guidance(guidance)
+    return opts
 
 
 def make_training_evaluator(data: DataConfig | str, n: int = 500, split: str = "test", seed: int = 0,
-                            metrics: Sequence[str] = ("kid", "fid"), **sample_opts: Any
+                            metrics: Sequence[str] = ("kid", "fid"), sampler: str | None = None,
+                            steps: int | None = None, guidance: float | None = None, eta: float | None = None
                             ) -> Callable[[Any, int], dict[str, float]]:
-    """`fn(model, step) -> {"kid": ..., "kid_se": ..., "fid": ..., "n_fake": n, ...}` on the same `n` seeds each call.
+    """`fn(model, step) -> {"kid": ..., "kid_se": ..., "fid": ..., "n_fake": n, ...}` on the same `n` seeds each call,
+    with the sampling options the model's family takes.
 
     KID is the metric to watch at small n (unbiased); FID is logged too but is biased upwards at small n.
-    The feature network and reference features are prepared once, here.
+    The feature network and reference features are prepared once, here. Under several processes every process
+    must call `fn`: each draws its shard of the samples, and rank 0 alone measures (the others get {}).
     """
-    fnet = get_feature_network(data, progress=True)
-    ref = reference_features(fnet, data, split)
-    subset = min(n, ref.n, 1000)
+    main = process_group()[0] == 0
+    fnet = get_feature_network(data, progress=True) if main else None
+    ref = reference_features(fnet, data, split) if main else None
+    subset = min(n, ref.n, 1000) if main else 0
 
-    def evaluate(model: Any, step: int) -> dict[str, float]:
-        was_training = getattr(model, "training", False)
-        if hasattr(model, "eval"):
-            model.eval()
+    def evaluate(model: GenerativeModel, step: int) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
         try:
             with torch.no_grad():
-                per_item = getattr(model, "family", None) == "diffusion"  # families taking a generator per image
-                x = sample_images(model.sample, n, seed, per_item_seeds=per_item, **sample_opts)
+                x = sample_images(model.sample, n, seed, per_item_seeds=model.per_item_seeds,
+                                  **family_sample_options(model, sampler, steps, guidance, eta))
         finally:
-            if was_training:
-                model.train()
+            model.train(was_training)
+        if not main:
+            return {}
         feats, logits = fnet.embed(x, with_logits="is" in metrics)
         r = metrics_from_features(ref, feats, logits, metrics, kid_subsets=50, kid_subset_size=subset, seed=seed)
         return {k: float(v) for k, v in r.items() if isinstance(v, int | float)}
@@ -146,6 +178,10 @@ def write_report(result: dict[str, Any], out_dir: str | Path, images: Tensor | N
         lines += ["| metric | value | ± |", "|---|---|---|"]
         lines += [f"| {label} | {_fmt(v)} | {_fmt(e) if e is not None else ''} |" for label, v, e in table]
         lines += ["", "KID ± is its standard error; IS ± is the std over splits."]
+        if "prc_n" in result:
+            lines += [f"Precision, recall, density and coverage compare {result['prc_n']} real with {result['prc_n']} "
+                      "generated (the larger set subsampled): they depend on the sample sizes, so compare them at "
+                      "equal `prc_n`."]
     if images is not None:
         paths["grid"] = save_grid(images, out_dir / "samples.png", nrow=nrow)
         lines += ["", "![samples](samples.png)"]

@@ -20,13 +20,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from genlab.config import MAX_DEPTH, MAX_IMAGE_SIZE, MAX_WIDTH, check_int
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError
-from genlab.models.base import GenerativeModel, ModelConfig, with_image_shape
+from genlab.models.base import GenerativeModel, Likelihood, ModelConfig, Output, with_image_shape
 from genlab.nn.attention import SelfAttention2d
 from genlab.nn.discriminator import PatchDiscriminator, hinge_d_loss
 from genlab.nn.resnet import Downsample, Upsample
 from genlab.registry import MODELS
+from genlab.sampling.noise import Generators, randn
 
 MAX_SAMPLES = 10_000
 
@@ -56,6 +58,13 @@ class AutoencoderConfig(ModelConfig):
 def _check(cfg: AutoencoderConfig) -> None:
     if cfg.image_size <= 0 or cfg.channels <= 0:
         raise GenlabError("model.image_size and model.channels must be set (or build the model from a dataset)")
+    check_int("model.image_size", cfg.image_size, 1, MAX_IMAGE_SIZE, "activations grow with its square")
+    for key in ("channels", "z_channels", "disc_channels"):
+        check_int(f"model.{key}", getattr(cfg, key), 1, MAX_WIDTH)
+    check_int("model.base_channels", cfg.base_channels * max(cfg.channel_mults, default=1), 1, MAX_WIDTH,
+              "base_channels x the largest channel_mult is the widest layer")
+    for key in ("num_res_blocks", "disc_layers"):
+        check_int(f"model.{key}", getattr(cfg, key), 1, MAX_DEPTH)
     if cfg.reconstruction not in ("l1", "l2"):
         raise GenlabError(f"model.reconstruction={cfg.reconstruction!r} is unknown; choose l1 or l2")
     if not cfg.channel_mults or min(cfg.channel_mults) < 1 or cfg.base_channels < 1 or cfg.num_res_blocks < 1:
@@ -169,6 +178,9 @@ class AutoencoderKL(GenerativeModel):
 
     family = "autoencoder_kl"
     config_class = AutoencoderConfig
+    output = Output.IMAGE
+    likelihood = Likelihood.BOUND  # the ELBO
+    per_item_seeds = True
 
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__(config)
@@ -291,8 +303,12 @@ class AutoencoderKL(GenerativeModel):
                 "psnr_of_mean_mse": psnr(torch.tensor(mse_sum / n)).item()}
 
     # -- the family contract --------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.config.channels, self.config.image_size, self.config.image_size
+
     @torch.no_grad()
-    def sample(self, n: int, cond: Any = None, generator: torch.Generator | None = None, **opts: Any) -> Tensor:
+    def sample(self, n: int, cond: Any = None, generator: Generators = None, **opts: Any) -> Tensor:
         """Decode `n` prior draws z ~ N(0, I) (poor images: the KL is weak, so the prior is not the aggregate
         posterior; this is why latent diffusion models the latents)."""
         if opts:
@@ -301,9 +317,7 @@ class AutoencoderKL(GenerativeModel):
             raise GenlabError("the autoencoder is unconditional; leave out the label")
         if not 1 <= n <= MAX_SAMPLES:
             raise GenlabError(f"n={n} is out of range; use 1..{MAX_SAMPLES}")
-        device = next(self.parameters()).device
-        gen_device = generator.device if generator is not None else device
-        z = torch.randn((n, *self.latent_shape), generator=generator, device=gen_device).to(device)
+        z = randn((n, *self.latent_shape), generator, next(self.parameters()).device)
         return self.decode(z).clamp(-1.0, 1.0)
 
     @torch.no_grad()
@@ -373,10 +387,13 @@ def encode_dataset(ae: AutoencoderKL, dataset: Any, scale: float = 1.0, limit: i
     ae.eval()
     latents, labels = [], []
     try:
-        for start in tqdm(range(0, n, batch_size), desc="encoding", leave=False):
+        bar = tqdm(total=n, desc="encoding", unit="img", leave=False)
+        for start in range(0, n, batch_size):
             batch = dataset.get_batch(torch.arange(start, min(start + batch_size, n)))
             latents.append(ae.encode(batch["x"].to(device))[0].float().cpu() * scale)
             labels.append(batch["label"])
+            bar.update(len(batch["label"]))
+        bar.close()
     finally:
         ae.train(was_training)
     return LatentDataset(torch.cat(latents), torch.cat(labels), dataset.info)
