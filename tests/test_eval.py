@@ -103,7 +103,8 @@ def test_metrics_from_features_agree_with_the_metric_functions(tiny_fnet):
     r = R.metrics_from_features(ref, fake, None, ("fid", "kid", "prc"), kid_subsets=3, seed=1)
     assert r["fid"] == M.fid(ref.features, fake)
     assert r["kid"] == M.kid(ref.features, fake, subsets=3, seed=1)["kid"]
-    assert r["precision"] == M.precision_recall(ref.features, fake)["precision"]
+    assert r["prc_n"] == 300
+    assert r["precision"] == M.precision_recall(*M.equal_sizes(ref.features, fake, seed=1))["precision"]
 
 
 def test_parse_metrics_rejects_unknown_names():

@@ -131,6 +131,17 @@ def test_precision_recall_density_coverage_match_brute_force(shift):
     assert (dc["density"], dc["coverage"]) == pytest.approx((d, c), abs=1e-9)
 
 
+def test_coverage_of_identical_distributions_does_not_depend_on_the_sample_size_ratio():
+    """Coverage is defined over the real set's k-NN balls (Naeem et al. 2020), so its value for identical
+    distributions grows with n_fake / n_real (0.97 at 2,000 vs 2,000, 0.998 at 2,000 vs 5,000): compared on equal
+    sizes, 2,000 real vs 5,000 generated measures what 2,000 vs 2,000 does."""
+    real, fake = torch.from_numpy(_features(2000, 8, 40)), torch.from_numpy(_features(5000, 8, 41))
+    equal = M.density_coverage(real, torch.from_numpy(_features(2000, 8, 42)))["coverage"]
+    r = M.precision_recall_density_coverage(real, fake)
+    assert r["prc_n"] == 2000 and abs(r["coverage"] - equal) < 0.012, (r["coverage"], equal)
+    assert M.precision_recall_density_coverage(fake, real)["prc_n"] == 2000
+
+
 def test_knn_radii_in_chunks_equal_one_shot():
     x = torch.randn(150, 6)
     torch.testing.assert_close(M.knn_radii(x, 3, chunk=64), M.knn_radii(x, 3, chunk=1000))
