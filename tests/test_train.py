@@ -392,7 +392,7 @@ def test_processes_wait_for_one_another_as_long_as_the_recipe_says(tmp_path, mon
 
     monkeypatch.setattr(trainer_module, "Accelerator", RecordingAccelerator)
     for sets, minutes in [((), 60), (("train.dist_timeout_minutes=90",), 90)]:
-        Trainer(toy_family.toy_config(tmp_path, "train.steps=1", *sets), tmp_path / f"run{minutes}")
+        Trainer(toy_family.toy_config(tmp_path, "train.steps=3", *sets), tmp_path / f"run{minutes}")
         (init,) = [h for h in made[-1]["kwargs_handlers"] if isinstance(h, InitProcessGroupKwargs)]
         assert init.timeout == timedelta(minutes=minutes)
 
