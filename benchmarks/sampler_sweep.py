@@ -33,6 +33,7 @@ from genlab.eval.features import get_feature_network  # noqa: E402
 from genlab.eval.reference import reference_features  # noqa: E402
 from genlab.eval.report import metrics_from_features, sample_images  # noqa: E402
 from genlab.models.base import GenerativeModel, resolve_model_dir  # noqa: E402
+from genlab.sampling.controls import Guidance  # noqa: E402
 from genlab.sampling.schedules import SPACINGS  # noqa: E402
 
 FEW_STEP_SAMPLERS, FEW_STEPS = ("dpmpp_2m", "unipc"), (10, 20)
@@ -57,7 +58,7 @@ def run_cell(model: GenerativeModel, fnet, ref, spec: str, steps: int, n: int, s
     t0 = time.perf_counter()
     try:
         images = sample_images(model.sample, n, seed, batch_size=batch_size, cond=labels, sampler=sampler,
-                               steps=steps, cfg=cfg, spacing=spacing, schedule=schedule)
+                               steps=steps, guidance=Guidance(cfg), spacing=spacing, schedule=schedule)
     finally:
         hook.remove()
     seconds = time.perf_counter() - t0

@@ -11,7 +11,7 @@ from conftest import randomize_weights
 from genlab.errors import GenlabError
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.registry import SAMPLERS
-from genlab.sampling.controls import img2img_sigmas, iter_steps, repaint_schedule
+from genlab.sampling.controls import Guidance, Start, img2img_sigmas, iter_steps, repaint_schedule
 from genlab.sampling.denoiser import classifier_free_guidance, rescale_guidance
 from genlab.sampling.solvers import sampler_defaults, sampler_options
 
@@ -41,15 +41,16 @@ def _image(n: int = 1) -> torch.Tensor:
 
 def test_img2img_strength_0_returns_the_input(model):
     init = _image(3)
-    out = model.sample(3, cond=[0, 1, 2], generator=_gens(3), sampler="euler", steps=STEPS, init=init, strength=0.0)
+    out = model.sample(3, cond=[0, 1, 2], generator=_gens(3), sampler="euler", steps=STEPS,
+                       start=Start(init, strength=0.0))
     torch.testing.assert_close(out, init, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "euler_ancestral"])
 def test_img2img_strength_1_is_text_to_image(model, sampler):
-    kw = {"cond": [0, 2], "sampler": sampler, "steps": STEPS, "cfg": 2.0}
+    kw = {"cond": [0, 2], "sampler": sampler, "steps": STEPS, "guidance": Guidance(2.0)}
     t2i = model.sample(2, generator=_gens(2), **kw)
-    i2i = model.sample(2, generator=_gens(2), init=_image(), strength=1.0, **kw)
+    i2i = model.sample(2, generator=_gens(2), start=Start(_image(), strength=1.0), **kw)
     torch.testing.assert_close(i2i, t2i, atol=0, rtol=0)
 
 
@@ -65,7 +66,8 @@ def test_img2img_moves_toward_the_input_as_strength_falls(model):
     init = _image(4)
     dist = []
     for strength in (1.0, 0.6, 0.3):
-        out = model.sample(4, cond=1, generator=_gens(4), sampler="euler", steps=10, init=init, strength=strength)
+        out = model.sample(4, cond=1, generator=_gens(4), sampler="euler", steps=10,
+                           start=Start(init, strength=strength))
         dist.append((out - init).pow(2).mean().item())
     assert dist[0] > dist[1] > dist[2] > 0
 
@@ -81,8 +83,9 @@ def _half_mask() -> torch.Tensor:
                                           ("ddpm", {"repaint_jumps": 3, "repaint_jump_length": 2})])
 def test_inpainting_keeps_the_known_region(model, sampler, opts):
     init, mask = _image(2), _half_mask()
-    out = model.sample(2, cond=[0, 1], generator=_gens(2), sampler=sampler, steps=STEPS, init=init, mask=mask,
-                       **opts)
+    repaint = {k: v for k, v in opts.items() if k.startswith("repaint")}
+    out = model.sample(2, cond=[0, 1], generator=_gens(2), sampler=sampler, steps=STEPS,
+                       start=Start(init, mask=mask, **repaint), **{k: v for k, v in opts.items() if k not in repaint})
     torch.testing.assert_close(out[..., :4], init[..., :4], atol=0, rtol=0)
     assert (out[..., 4:] - init[..., 4:]).abs().max() > 0.1  # the masked half is generated anew
 
@@ -90,7 +93,7 @@ def test_inpainting_keeps_the_known_region(model, sampler, opts):
 def test_inpainting_with_nothing_known_is_text_to_image(model):
     kw = {"cond": [2, 0], "sampler": "dpmpp_2m", "steps": STEPS}
     t2i = model.sample(2, generator=_gens(2), **kw)
-    inpainted = model.sample(2, generator=_gens(2), init=_image(), mask=torch.ones(8, 8), **kw)
+    inpainted = model.sample(2, generator=_gens(2), start=Start(_image(), mask=torch.ones(8, 8)), **kw)
     torch.testing.assert_close(inpainted, t2i, atol=0, rtol=0)
 
 
@@ -109,7 +112,7 @@ def test_guidance_1_is_the_conditional_model(model):
     x, sigma, cond = torch.randn(3, 1, 8, 8), torch.full((3,), 2.0), torch.tensor([0, 1, 2])
     guided = classifier_free_guidance(model.denoise, 1.0, torch.full_like(cond, 3))
     torch.testing.assert_close(guided(x, sigma, cond), model.denoise(x, sigma, cond), atol=1e-5, rtol=0)
-    out = model.sample(3, cond=cond, generator=_gens(3), sampler="heun", steps=STEPS, cfg=1.0)
+    out = model.sample(3, cond=cond, generator=_gens(3), sampler="heun", steps=STEPS, guidance=Guidance(1.0))
     sigmas = model.sampling_sigmas(STEPS)
     x_T = torch.stack([torch.randn(1, 8, 8, generator=g) for g in _gens(3)]) * (1 + sigmas[0] ** 2).sqrt()
     alone = SAMPLERS.get("heun")(lambda x, s, c: model.denoise(x, s, c).clamp(-1, 1), x_T, sigmas, cond)
@@ -120,10 +123,11 @@ def test_negative_label_replaces_the_null_class(model):
     """D_neg + w (D_cond - D_neg) with negative = cond is the conditional model at any scale; with negative =
     the null class it is plain classifier-free guidance."""
     kw = {"cond": [0, 1], "sampler": "euler", "steps": STEPS}
-    same = model.sample(2, generator=_gens(2), cfg=4.0, negative_cond=[0, 1], **kw)
-    torch.testing.assert_close(same, model.sample(2, generator=_gens(2), cfg=1.0, **kw), atol=1e-5, rtol=0)
-    other = model.sample(2, generator=_gens(2), cfg=4.0, negative_cond=2, **kw)
-    assert (other - model.sample(2, generator=_gens(2), cfg=4.0, **kw)).abs().max() > 1e-3
+    same = model.sample(2, generator=_gens(2), guidance=Guidance(4.0, negative=[0, 1]), **kw)
+    unguided = model.sample(2, generator=_gens(2), guidance=Guidance(1.0), **kw)
+    torch.testing.assert_close(same, unguided, atol=1e-5, rtol=0)
+    other = model.sample(2, generator=_gens(2), guidance=Guidance(4.0, negative=2), **kw)
+    assert (other - model.sample(2, generator=_gens(2), guidance=Guidance(4.0), **kw)).abs().max() > 1e-3
 
 
 def test_guidance_rescale_matches_diffusers():
@@ -142,11 +146,11 @@ def test_guidance_rescale_matches_diffusers():
 
 def test_guidance_rescale_in_sample_changes_only_with_guidance(model):
     kw = {"cond": [0, 1], "sampler": "ddim", "steps": STEPS, "generator": None}
-    a = model.sample(2, **{**kw, "generator": _gens(2)}, cfg=1.0, guidance_rescale=0.7)
-    b = model.sample(2, **{**kw, "generator": _gens(2)}, cfg=1.0)
+    a = model.sample(2, **{**kw, "generator": _gens(2)}, guidance=Guidance(1.0, rescale=0.7))
+    b = model.sample(2, **{**kw, "generator": _gens(2)}, guidance=Guidance(1.0))
     torch.testing.assert_close(a, b, atol=0, rtol=0)  # no guidance, nothing to rescale
-    c = model.sample(2, **{**kw, "generator": _gens(2)}, cfg=5.0, guidance_rescale=0.7)
-    d = model.sample(2, **{**kw, "generator": _gens(2)}, cfg=5.0)
+    c = model.sample(2, **{**kw, "generator": _gens(2)}, guidance=Guidance(5.0, rescale=0.7))
+    d = model.sample(2, **{**kw, "generator": _gens(2)}, guidance=Guidance(5.0))
     assert (c - d).abs().max() > 1e-4
 
 
@@ -205,12 +209,17 @@ def test_sampler_options_are_checked():
 
 
 def test_control_mistakes_are_user_errors(model):
-    with pytest.raises(GenlabError, match="init"):
-        model.sample(1, cond=0, mask=torch.ones(8, 8))
+    with pytest.raises(GenlabError, match="mask"):
+        Start(_image(), repaint_jumps=3)
+    with pytest.raises(GenlabError, match="strength"):
+        Start(_image(), strength=1.5)
+    for scale, rescale in [(float("nan"), 0.0), (-1.0, 0.0), (2.0, 1.5)]:
+        with pytest.raises(GenlabError, match="guidance"):
+            Guidance(scale, rescale=rescale)
     with pytest.raises(GenlabError, match="resize"):
-        model.sample(1, cond=0, init=torch.zeros(1, 16, 16), strength=0.5)
+        model.sample(1, cond=0, start=Start(torch.zeros(1, 16, 16), strength=0.5))
     with pytest.raises(GenlabError, match="ddpm"):
-        model.sample(1, cond=0, sampler="euler", init=_image(), mask=_half_mask(), repaint_jumps=3)
+        model.sample(1, cond=0, sampler="euler", start=Start(_image(), mask=_half_mask(), repaint_jumps=3))
     with pytest.raises(GenlabError, match="karras"):
         model.sample(1, cond=0, schedule="karas")
 
@@ -283,7 +292,7 @@ def test_cli_img2img_options(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("sampler", ["dpmpp_sde", "dpmpp_2m_sde", "euler_ancestral"])
 def test_stochastic_samplers_keep_per_image_seeds(model, sampler):
     """Image i depends on generator i alone (the Brownian path of the SDE solvers too)."""
-    kw = {"sampler": sampler, "steps": STEPS, "cfg": 2.0}
+    kw = {"sampler": sampler, "steps": STEPS, "guidance": Guidance(2.0)}
     batch = model.sample(3, cond=[0, 1, 2], generator=_gens(3), **kw)
     alone = model.sample(1, cond=[2], generator=_gens(1, seed=2), **kw)
     torch.testing.assert_close(batch[2:], alone, atol=1e-4, rtol=0)

@@ -76,7 +76,7 @@ def test_sample_range_labels_and_argument_errors():
     assert x.shape == (6, 1, 8, 8) and x.min() >= -1 and x.max() <= 1
     assert model.labels_for(7, None).tolist() == [0, 0, 0, 1, 1, 1, 2]  # one grid row per class
     for kwargs, msg in [({"steps": 0}, "steps"), ({"sampler": "eulr"}, "sampler"), ({"cond": 3}, "label"),
-                        ({"sampler": "ddpm", "eta": 0.5}, "eta"), ({"cfg": -1.0}, "cfg")]:
+                        ({"sampler": "ddpm", "eta": 0.5}, "eta")]:
         with pytest.raises(GenlabError, match=msg):
             model.sample(2, **kwargs)
     with pytest.raises(GenlabError, match="n=0"):

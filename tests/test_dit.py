@@ -13,6 +13,7 @@ from genlab.errors import GenlabError
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.nn.dit import DiT, sincos_pos_embed_2d
 from genlab.nn.unet import UNet
+from genlab.sampling.controls import Guidance
 
 TINY = dict(in_channels=3, image_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=5)
 
@@ -95,7 +96,7 @@ def test_dit_diffusion_trains_and_round_trips(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
     model.save_pretrained(tmp_path / "m")
     loaded = DiffusionModel.from_pretrained(tmp_path / "m")
-    kw = dict(cond=[0, 1], steps=4, cfg=2.0)
+    kw = dict(cond=[0, 1], steps=4, guidance=Guidance(2.0))
     a = model.sample(2, generator=torch.Generator().manual_seed(3), **kw)
     b = loaded.sample(2, generator=torch.Generator().manual_seed(3), **kw)
     assert torch.equal(a, b)

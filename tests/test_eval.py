@@ -13,6 +13,7 @@ from genlab.errors import GenlabError
 from genlab.eval import features as F
 from genlab.eval import metrics as M
 from genlab.eval import report as R
+from genlab.models.base import GenerativeModel
 from genlab.plots import plot_eval_metrics
 
 
@@ -80,14 +81,16 @@ def test_real_images_at_a_run_size_take_the_generated_images_path(tiny_fnet):
 
 
 def test_training_evaluator_is_deterministic_and_plots(tiny_fnet, tmp_path):
-    class Noise:
-        family = "diffusion"  # takes one generator per image
+    class Noise(GenerativeModel):
+        family = "noise"
+        per_item_seeds = True  # takes one generator per image
 
         def sample(self, n, cond=None, generator=None, **opts):
+            assert not opts  # it declares no sampler, steps or guidance, so the evaluator passes none
             return torch.stack([torch.rand(1, 28, 28, generator=g) for g in generator]) * 2 - 1
 
-    evaluate = R.make_training_evaluator("mnist", n=64)
-    a, b = evaluate(Noise(), 10), evaluate(Noise(), 20)
+    evaluate = R.make_training_evaluator("mnist", n=64, sampler="ddim", steps=5, guidance=2.0)
+    a, b = evaluate(Noise(None), 10), evaluate(Noise(None), 20)
     assert a == b and {"kid", "kid_se", "fid", "n_fake", "n_real"} <= set(a) and a["n_fake"] == 64
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps({"step": s, "split": "val", **a}) for s in (10, 20)) + "\n")

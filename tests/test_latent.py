@@ -14,6 +14,7 @@ from genlab.errors import GenlabError
 from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from genlab.models.base import GenerativeModel
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
+from genlab.sampling.controls import Guidance
 from genlab.train import train
 
 DIT = dict(backbone="dit", hidden_size=32, depth=1, num_heads=2, patch_size=2)
@@ -51,7 +52,7 @@ def test_build_scales_latents_to_unit_std_and_trains_on_them(data, ae_dir):
     decoded = []
     decode = model.autoencoder.decode
     model.autoencoder.decode = lambda z: decoded.append(z) or decode(z)
-    x = model.sample(2, cond=[0, 1], generator=torch.Generator().manual_seed(0), steps=2, cfg=1.0)
+    x = model.sample(2, cond=[0, 1], generator=torch.Generator().manual_seed(0), steps=2, guidance=Guidance(1.0))
     assert x.shape == (2, 3, 16, 16) and decoded[0].shape == (2, 2, 8, 8)
     torch.testing.assert_close(x, ae.decode(decoded[0]).clamp(-1, 1))
 
@@ -66,7 +67,7 @@ def test_model_folder_is_self_contained(data, ae_dir, tmp_path):
     loaded = GenerativeModel.from_pretrained(tmp_path / "ldm")
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
-    kw = dict(cond=[1, 2], steps=3, cfg=2.0)
+    kw = dict(cond=[1, 2], steps=3, guidance=Guidance(2.0))
     assert torch.equal(model.sample(2, generator=torch.Generator().manual_seed(1), **kw),
                        loaded.sample(2, generator=torch.Generator().manual_seed(1), **kw))
 

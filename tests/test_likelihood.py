@@ -10,14 +10,16 @@ import torch
 from torch import nn
 
 from genlab.eval import likelihood as L
+from genlab.models.base import Likelihood
 from genlab.sampling.schedules import alpha_bar_from_betas, make_betas, sigma_from_alpha_bar
 
 
 class GaussianDiffusion(nn.Module):
     """Data x0 ~ N(mu, diag(s^2)); `denoise` is the exact E[x0 | x0 + sigma n], so every likelihood is analytic."""
 
-    family = "diffusion"
-    autoencoder = None
+    family = "gaussian"
+    likelihood = Likelihood.BOUND
+    likelihood_estimators = ("vlb", "ode")  # over `denoise`, `alpha_bar` and `sigmas`
 
     def __init__(self, mu: torch.Tensor, s: torch.Tensor, timesteps: int = 1000) -> None:
         super().__init__()

@@ -6,6 +6,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.registry import SAMPLERS
+from genlab.sampling.controls import Guidance
 from genlab.sampling.schedules import spaced_timesteps
 from genlab.sampling.solvers import sample_ddpm
 
@@ -51,7 +52,7 @@ def test_ddim_eta0_matches_diffusers(schedule, cfg, clip):
             eps = guided_eps(model, x, t, labels, cfg)
             x = sched.step(eps, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     ours = model.sample(4, cond=labels, generator=torch.Generator().manual_seed(7), sampler="ddim", steps=steps,
-                        cfg=cfg, eta=0.0)
+                        guidance=Guidance(cfg), eta=0.0)
     assert (ours - x.clamp(-1, 1)).abs().max() < 1e-4
 
 
@@ -68,7 +69,7 @@ def test_ddpm_matches_diffusers_with_the_same_noise_draws(schedule):
         for t in sched.timesteps:
             x = sched.step(guided_eps(model, x, t, labels, cfg), t, x, generator=g).prev_sample
     ours = model.sample(3, cond=labels, generator=torch.Generator().manual_seed(3), sampler="ddpm", steps=steps,
-                        cfg=cfg)
+                        guidance=Guidance(cfg))
     assert (ours - x.clamp(-1, 1)).abs().max() < 1e-4
 
 

@@ -6,6 +6,7 @@ observable), records the item indices it trained on, and can sleep per step or t
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,7 +50,7 @@ class Toy(GenerativeModel):
 
     def __init__(self, config: ToyConfig) -> None:
         super().__init__(config)
-        dim = int(torch.tensor(config.shape).prod())
+        dim = math.prod(config.shape)
         self.net = nn.Sequential(nn.Linear(dim, config.hidden), nn.SiLU(), nn.Linear(config.hidden, dim))
         self.calls = 0
         self.seen: list[int] = []

@@ -11,11 +11,20 @@ from typing import Any
 
 import torch
 
-from genlab.config import load_run_config
+from genlab.config import (
+    MAX_SAMPLES,
+    MAX_SAMPLING_STEPS,
+    check_int,
+    check_number,
+    check_output_path,
+    check_seed,
+    load_run_config,
+)
 from genlab.data.images import save_grid
 from genlab.files import read_jsonl
 from genlab.models.base import GenerativeModel
 from genlab.sampling.controls import Guidance
+from genlab.sampling.solvers import sampler_options
 
 RECIPE = "mnist-ddpm"
 
@@ -31,15 +40,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """The demo's own options, before the recipe trains (the recipe's keys are checked when it is loaded)."""
+    if args.minutes is not None:
+        check_number("--minutes", args.minutes, 0, low_open=True)
+    check_int("--per-class", args.per_class, 1, MAX_SAMPLES)
+    check_seed("--seed", args.seed, MAX_SAMPLES)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1, MAX_SAMPLING_STEPS)
+    if args.cfg is not None:
+        check_number("--cfg", args.cfg, 0, hint="1 = no guidance")
+    if args.sampler is not None:
+        sampler_options(args.sampler)
+
+
 def run(args: argparse.Namespace) -> int:
     from genlab.eval.features import get_feature_network
     from genlab.eval.report import evaluate_images
     from genlab.train import train
 
+    _check_args(args)
     overrides = list(args.overrides)
     if args.minutes is not None:
         overrides.append(f"train.max_minutes={args.minutes}")
     cfg = load_run_config(args.recipe, overrides)
+    check_output_path(Path(cfg.out_dir) / cfg.name, "the run folder (out_dir/name)", folder=True)
     sampler = args.sampler if args.sampler is not None else cfg.sample.sampler
     steps = args.steps if args.steps is not None else cfg.sample.steps
     scale = args.cfg if args.cfg is not None else cfg.sample.cfg

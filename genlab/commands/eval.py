@@ -17,6 +17,15 @@ import torch
 import yaml
 
 from genlab.commands.sample import check_family_takes, sampling_params
+from genlab.config import (
+    MAX_SAMPLING_STEPS,
+    MAX_TIMESTEPS,
+    check_device,
+    check_int,
+    check_number,
+    check_output_path,
+    check_seed,
+)
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel, Likelihood, Output, SampleOption
 from genlab.sampling.distributed import end, init_from_env, local_device
@@ -79,14 +88,11 @@ def _run_data(model_dir: Path) -> str | None:
 
 def _load_model(model_dir: Path, device: str) -> Any:
     """The family's own `from_pretrained` (a language model also loads its tokenizer.json)."""
-    from genlab.models.base import CONFIG_NAME
+    from genlab.models.base import read_model_meta
     from genlab.registry import MODELS
 
-    try:
-        family = json.loads((model_dir / CONFIG_NAME).read_text()).get("family", "")
-    except (OSError, json.JSONDecodeError):
-        family = None  # the base class reports what is wrong with the folder
-    cls = MODELS.get(family) if family else GenerativeModel
+    family = read_model_meta(model_dir)[1].get("family")
+    cls = MODELS.get(family) if isinstance(family, str) and family else GenerativeModel  # the base class says why not
     return cls.from_pretrained(model_dir, map_location=device).to(device).eval()
 
 
@@ -96,12 +102,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     from genlab.registry import SAMPLERS
 
     metrics = parse_metrics(args.metrics)
-    if not 1 <= args.n <= MAX_N:
-        raise GenlabError(f"--n {args.n} is out of range; use 1..{MAX_N}")
-    if (args.steps is not None and args.steps < 1) or args.batch < 1:
-        raise GenlabError("--steps and --batch must be at least 1")
+    check_int("--n", args.n, 1, MAX_N)
+    check_int("--batch", args.batch, 1)
+    check_seed("--seed", args.seed, args.n)
+    check_device("--device", args.device)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1, MAX_SAMPLING_STEPS)
+    if args.cfg is not None:
+        check_number("--cfg", args.cfg, 0, hint="1 = no guidance")
+    check_int("--kid-subsets", args.kid_subsets, 1, MAX_N)
+    check_int("--kid-subset-size", args.kid_subset_size, 2)
+    check_int("--nll-n", args.nll_n, 1)
+    check_int("--nll-t-samples", args.nll_t_samples, 1, MAX_TIMESTEPS)
     if args.sampler is not None:
         SAMPLERS.get(args.sampler)
+    if args.out is not None:
+        check_output_path(args.out, "--out", folder=True)
     model_dir = resolve_model_dir(args.target)
     data = args.data or _run_data(model_dir)
     if data is None:

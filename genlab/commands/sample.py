@@ -4,24 +4,41 @@ Any sampler of `--list-samplers` with its options (`--opt s_churn=1`), a `--sche
 `--guidance-rescale`, img2img (`--init-image x.png --strength 0.6`) and inpainting (`--init-image x.png
 --mask m.png`, white = generate; `--repaint-jumps 10` resamples as RePaint).
 
+Any image family: the options a family does not declare it takes (`GenerativeModel.sample_options`,
+`conditioning`) are refused with the list of those it does, e.g. a KL autoencoder decodes prior draws and takes
+no sampler, steps or guidance.
+
 Image i is drawn with its own generator seeded `seed + i`, so any single image can be reproduced alone
-(`--n 1 --seed SEED_I --label LABEL_I`); every PNG stores its seed and full parameters in a text chunk.
+(`--n 1 --seed SEED_I --label LABEL_I`); every PNG stores its seed and full parameters in a text chunk. Under
+`torchrun --nproc_per_node N -m genlab.cli sample ...` each process draws its shard of the seeds and rank 0
+writes the same files as one process would.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from genlab.config import (
+    MAX_SAMPLING_STEPS,
+    check_device,
+    check_int,
+    check_number,
+    check_output_path,
+    check_seed,
+)
 from genlab.data.images import from_uint8, save_grid, save_png, to_uint8
 from genlab.errors import GenlabError
+from genlab.models.base import Conditioning, GenerativeModel, Output, SampleOption, resolve_model_dir
 from genlab.registry import SAMPLERS
-from genlab.sampling.schedules import SCHEDULES
+from genlab.sampling.controls import Guidance, Start
+from genlab.sampling.schedules import SCHEDULES, SPACINGS
+from genlab.sampling.solvers import sampler_options
 
 MAX_N = 10_000
 
@@ -32,28 +49,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list-samplers", action="store_true", help="print the samplers, their options and the "
                    "schedules, then exit")
     p.add_argument("--n", type=int, default=64, help="how many images (1..10000)")
-    p.add_argument("--sampler", default="ddim", help="a sampler name (see --list-samplers)")
+    p.add_argument("--sampler", default=None, help="a sampler name (see --list-samplers; default ddim)")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler option, e.g. s_churn=1.0 or order=3 (repeatable; see --list-samplers)")
     p.add_argument("--schedule", default=None, help=f"sigma schedule: {', '.join(SCHEDULES)} "
                    "(default: the --spacing of timesteps)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none; default 3)")
     p.add_argument("--eta", type=float, default=None,
                    help="noise of ddim (default 0 = deterministic) and the ancestral / SDE samplers (default 1)")
-    p.add_argument("--spacing", default="leading", help="timestep spacing: leading, trailing or linspace")
+    p.add_argument("--spacing", default=None, help="timestep spacing: leading (default), trailing or linspace")
     p.add_argument("--label", type=int, default=None,
                    help="class to draw (default: cycle through the classes, one grid row per class)")
     p.add_argument("--negative-label", type=int, default=None,
                    help="guide away from this class instead of the unconditional model")
-    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (0 = off)")
+    p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi in [0, 1] (0 = off)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img, or inpainting with --mask)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img noise level in [0, 1]: 0 keeps the image, 1 ignores it (default 0.8; 1 with --mask)")
     p.add_argument("--mask", default=None, help="inpainting mask image: white = generate, black = keep")
-    p.add_argument("--repaint-jumps", type=int, default=1, help="RePaint resampling: times each jump is "
+    p.add_argument("--repaint-jumps", type=int, default=None, help="RePaint resampling: times each jump is "
                    "repeated (needs --mask and --sampler ddpm; 1 = off)")
-    p.add_argument("--repaint-jump-length", type=int, default=10, help="RePaint: steps per jump back up")
+    p.add_argument("--repaint-jump-length", type=int, default=None, help="RePaint: steps per jump back up "
+                   "(default 10)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default=None, help="grid PNG (default grid.png unless --out-dir is given)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image into this folder")
@@ -62,23 +80,114 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    if not 1 <= args.n <= MAX_N:
-        raise GenlabError(f"--n {args.n} is out of range; use 1..{MAX_N}")
-    if args.steps < 1:
-        raise GenlabError(f"--steps {args.steps} must be at least 1")
-    if args.cfg < 0:
-        raise GenlabError(f"--cfg {args.cfg} must be >= 0 (1 = no guidance)")
-    if args.batch < 1:
-        raise GenlabError(f"--batch {args.batch} must be at least 1")
-    if args.seed < 0:
-        raise GenlabError(f"--seed {args.seed} must be >= 0")
-    SAMPLERS.get(args.sampler)
+    """Every option on its own and against the others, before the model is loaded or anything is written."""
+    check_int("--n", args.n, 1, MAX_N)
+    check_int("--batch", args.batch, 1)
+    check_seed("--seed", args.seed, args.n)
+    check_device("--device", args.device)
+    if args.steps is not None:
+        check_int("--steps", args.steps, 1, MAX_SAMPLING_STEPS)
+    if args.cfg is not None:
+        check_number("--cfg", args.cfg, 0, hint="1 = no guidance")
+    if args.guidance_rescale is not None:
+        check_number("--guidance-rescale", args.guidance_rescale, 0, 1, hint="0 = off")
+    if args.strength is not None:
+        check_number("--strength", args.strength, 0, 1, hint="0 keeps the image, 1 ignores it")
+    if args.eta is not None:
+        check_number("--eta", args.eta, 0, 1)
+    for flag, value in (("--repaint-jumps", args.repaint_jumps), ("--repaint-jump-length", args.repaint_jump_length)):
+        if value is not None:
+            check_int(flag, value, 1, MAX_SAMPLING_STEPS)
+    sampler_options(args.sampler or "ddim", eta=args.eta, **_parse_opts(args.opt))  # name, eta and --opt values
+    if args.schedule is not None and args.schedule not in SCHEDULES:
+        raise GenlabError(f"--schedule {args.schedule} is unknown; choose one of: {', '.join(SCHEDULES)}")
+    if args.spacing is not None and args.spacing not in SPACINGS:
+        raise GenlabError(f"--spacing {args.spacing} is unknown; choose one of: {', '.join(SPACINGS)}")
+    if args.spacing is not None and args.schedule is not None:
+        raise GenlabError("--spacing does nothing with --schedule (the schedule sets the sigmas); give one of them")
     if args.model is None:
         raise GenlabError("give a model folder (or --list-samplers)")
     if (args.strength is not None or args.mask) and not args.init_image:
         raise GenlabError("--strength and --mask need an --init-image")
-    if not 0.0 <= args.guidance_rescale <= 1.0:
-        raise GenlabError(f"--guidance-rescale {args.guidance_rescale} must be in [0, 1]")
+    if (args.repaint_jumps is not None or args.repaint_jump_length is not None) and not args.mask:
+        raise GenlabError("--repaint-jumps and --repaint-jump-length resample an inpainting: give --mask (and "
+                          "--init-image)")
+    if (args.repaint_jumps or 1) > 1 and args.sampler != "ddpm":
+        raise GenlabError("--repaint-jumps resamples with ddpm steps: add --sampler ddpm")
+    unguided = [flag for flag, value in (("--negative-label", args.negative_label),
+                                         ("--guidance-rescale", args.guidance_rescale)) if value is not None]
+    if args.cfg == 1 and unguided:
+        raise GenlabError(f"{' and '.join(unguided)} act through guidance and do nothing with --cfg 1; raise --cfg")
+    if args.out is not None and Path(args.out).suffix.lower() != ".png":
+        raise GenlabError(f"--out {args.out} must name a .png file (the PNG keeps every seed and parameter)")
+    if args.out is not None or args.out_dir is None:
+        check_output_path(args.out or "grid.png", "--out")
+    if args.out_dir is not None:
+        check_output_path(args.out_dir, "--out-dir", folder=True)
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, dest: str) -> bool:
+    return getattr(args, dest) not in (None, [])
+
+
+def check_family_takes(model: GenerativeModel, args: argparse.Namespace,
+                       flags: dict[SampleOption | Conditioning, tuple[str, ...]]) -> None:
+    """One-line error when a command is given an option (`flags`: option -> argparse dests) that the model's family
+    does not declare it takes, listing the ones it does."""
+    taken = model.sample_options | model.conditioning
+    allowed = [d for opt, dests in flags.items() if opt in taken for d in dests]
+    bad = [d for dests in flags.values() for d in dests if d not in allowed and _given(args, d)]
+    if bad:
+        takes = ", ".join(_flag(d) for d in dict.fromkeys(allowed)) or "none of these options"
+        raise GenlabError(f"the {model.family} family does not take {', '.join(_flag(d) for d in bad)}; it takes "
+                          f"{takes} ({model.takes()})")
+
+
+# the options of `genlab sample` beyond --n / --seed / --out / --out-dir / --batch / --device, by what they need
+FLAGS: dict[SampleOption | Conditioning, tuple[str, ...]] = {
+    Conditioning.CLASS_LABEL: ("label",),
+    SampleOption.SAMPLER: ("sampler", "opt", "eta", "schedule", "spacing"),
+    SampleOption.STEPS: ("steps",),
+    SampleOption.GUIDANCE: ("cfg", "negative_label", "guidance_rescale"),
+    SampleOption.START: ("init_image", "strength", "mask", "repaint_jumps", "repaint_jump_length"),
+}
+
+
+def _sample_kwargs(model: GenerativeModel, args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword arguments of `model.sample` from the options given (the family's defaults fill the rest)."""
+    kw: dict[str, Any] = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "spacing", "schedule")
+                          if _given(args, k)}
+    kw |= _parse_opts(args.opt)
+    guidance = {k: getattr(args, d) for k, d in (("scale", "cfg"), ("negative", "negative_label"),
+                                                  ("rescale", "guidance_rescale")) if _given(args, d)}
+    if guidance:
+        kw["guidance"] = Guidance(**guidance)
+    if args.init_image:
+        c, size, _ = model.image_shape
+        mask = _read_image(args.mask, 1, size, "mask") if args.mask else None
+        repaint = {k: getattr(args, k) for k in ("repaint_jumps", "repaint_jump_length") if _given(args, k)}
+        kw["start"] = Start(_read_image(args.init_image, c, size, "init-image"), strength=args.strength, mask=mask,
+                            **repaint)
+    return kw
+
+
+def sampling_params(model: GenerativeModel, kw: dict[str, Any]) -> dict[str, Any]:
+    """The sampling parameters of `kw` (keyword arguments of `model.sample`) with the family's defaults, as plain
+    values for a PNG's text or a JSON report."""
+    defaults = {k: p.default for k, p in inspect.signature(model.sample).parameters.items()
+                if p.default is not inspect.Parameter.empty and k not in ("cond", "generator", "callback", "progress")}
+    params = {**defaults, **kw}
+    guidance, start = params.pop("guidance", None), params.pop("start", None)
+    if guidance is not None:
+        params |= {"cfg": guidance.scale, "negative_label": guidance.negative, "guidance_rescale": guidance.rescale}
+    if start is not None:
+        params |= {"strength": start.resolved_strength, "repaint_jumps": start.repaint_jumps,
+                   "repaint_jump_length": start.repaint_jump_length}
+    return params
 
 
 def _parse_opts(pairs: list[str]) -> dict[str, Any]:
@@ -125,52 +234,45 @@ def _list_samplers() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from genlab.models.base import GenerativeModel, resolve_model_dir
+    from genlab.eval.report import sample_images
+    from genlab.sampling.distributed import end, init_from_env, local_device
 
     if args.list_samplers:
         return _list_samplers()
     _check_args(args)
     model_dir = resolve_model_dir(args.model)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = GenerativeModel.from_pretrained(model_dir, map_location=device).to(device).eval()
-    if not hasattr(model, "labels_for"):
-        raise GenlabError(f"{model_dir} holds a {model.family} model; `genlab sample` needs a diffusion model")
-    labels = model.labels_for(args.n, args.label)
-    opts = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "eta": args.eta, "spacing": args.spacing,
-            "schedule": args.schedule, "negative_cond": args.negative_label, "guidance_rescale": args.guidance_rescale,
-            **_parse_opts(args.opt)}
-    images_in: dict[str, Any] = {}
-    if args.init_image:
-        ae = model.autoencoder
-        c, size = (ae.config.channels, ae.config.image_size) if ae is not None else \
-            (model.config.channels, model.config.image_size)
-        images_in["init"] = _read_image(args.init_image, c, size, "init-image")
-        opts["strength"] = args.strength if args.strength is not None else (1.0 if args.mask else 0.8)
-        if args.mask:
-            images_in["mask"] = _read_image(args.mask, 1, size, "mask")
-            opts.update(repaint_jumps=args.repaint_jumps, repaint_jump_length=args.repaint_jump_length)
+    rank, world = init_from_env()  # under torchrun / accelerate launch: each process draws its shard
+    try:
+        device = local_device(args.device)
+        model = GenerativeModel.from_pretrained(model_dir, map_location=device).to(device).eval()
+        if model.output is not Output.IMAGE:
+            raise GenlabError(f"{model_dir} holds a {model.family} model, which outputs {model.output.value}; "
+                              f"`genlab sample` draws images (use `genlab generate` for text)")
+        check_family_takes(model, args, FLAGS)
+        labels = model.labels_for(args.n, args.label)
+        kw = _sample_kwargs(model, args)
+        x = sample_images(model.sample, args.n, args.seed, batch_size=args.batch, cond=labels, progress=True,
+                          per_item_seeds=model.per_item_seeds, **kw)
+        if rank == 0:
+            _write(args, model, x, labels, sampling_params(model, kw))
+    finally:
+        if world > 1:
+            end()
+    return 0
 
-    images = []
-    for start in tqdm(range(0, args.n, args.batch), desc="sampling", unit="batch", disable=args.n <= args.batch):
-        count = min(args.batch, args.n - start)
-        gens = [torch.Generator().manual_seed(args.seed + start + i) for i in range(count)]
-        cond = labels[start : start + count] if labels is not None else None
-        images.append(model.sample(count, cond=cond, generator=gens, progress=args.n <= args.batch, **opts,
-                                   **images_in).cpu())
-    x = torch.cat(images)
 
-    common = {"model": str(args.model), "family": model.family, **opts, "init_image": args.init_image,
+def _write(args: argparse.Namespace, model: GenerativeModel, x: torch.Tensor, labels: Any,
+           params: dict[str, Any]) -> None:
+    """The grid (one row per class when cycling classes) and, with --out-dir, one PNG per image."""
+    common = {"model": str(args.model), "family": model.family, **params, "init_image": args.init_image,
               "mask": args.mask}
     if args.out_dir:
         for i, img in enumerate(to_uint8(x)):
-            params = {**common, "seed": args.seed + i, "label": int(labels[i]) if labels is not None else None}
-            save_png(img, Path(args.out_dir) / f"{i:05d}_seed{args.seed + i}.png", params)
+            p = {**common, "seed": args.seed + i, "label": int(labels[i]) if labels is not None else None}
+            save_png(img, Path(args.out_dir) / f"{i:05d}_seed{args.seed + i}.png", p)
         print(f"wrote {args.n} images to {args.out_dir}")
     if args.out or not args.out_dir:
-        nrow = None
-        if labels is not None and args.label is None:
-            nrow = -(-args.n // model.num_classes)
-        params = {**common, "seed": args.seed, "seeds": f"seed + i for image i (row-major), i < {args.n}",
-                  "n": args.n, "labels": labels.tolist() if labels is not None else None}
-        print(f"wrote {save_grid(x, args.out or 'grid.png', nrow=nrow, params=params)}")
-    return 0
+        nrow = int((labels == labels[0]).sum()) if labels is not None and args.label is None else None
+        p = {**common, "seed": args.seed, "seeds": f"seed + i for image i (row-major), i < {args.n}",
+             "n": args.n, "labels": labels.tolist() if labels is not None else None}
+        print(f"wrote {save_grid(x, args.out or 'grid.png', nrow=nrow, params=p)}")

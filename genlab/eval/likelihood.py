@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from genlab.errors import GenlabError
+from genlab.models.base import Likelihood
 
 DELTA = 2.0 / 255.0  # width of one 8-bit level in [-1, 1]
 Denoise = Callable[[Tensor, Tensor, Any], Tensor]
@@ -67,13 +68,12 @@ def _gaussian_log_density(x: Tensor, mean: Tensor, var: Tensor | float) -> Tenso
     return -0.5 * (torch.log(2 * math.pi * var) + (x - mean) ** 2 / var)
 
 
-def _check_pixel_space(model: Any) -> None:
-    if getattr(model, "autoencoder", None) is not None:
-        raise GenlabError("this is a latent diffusion model: its bound is over latents, not pixels; "
-                          "evaluate a pixel-space model for bits/dim")
-    for attr in ("alpha_bar", "sigmas", "denoise"):
-        if not hasattr(model, attr):
-            raise GenlabError(f"the diffusion bound needs model.{attr}; this {type(model).__name__} has none")
+def _check_estimator(model: Any, method: str) -> None:
+    """The model declares `method` among its likelihood estimators (a diffusion model over pixels; a latent one
+    declares none, since its bounds would be over latents)."""
+    if method not in model.likelihood_estimators:
+        offered = ", ".join(model.likelihood_estimators) or "none (a latent model's bound is over latents, not pixels)"
+        raise GenlabError(f"this {model.family} model has no {method} likelihood estimate; its estimators: {offered}")
 
 
 def _x0_hat(model: Any, x_t: Tensor, i: Tensor, cond: Any, clip: bool) -> Tensor:
@@ -93,7 +93,7 @@ def diffusion_vlb(model: Any, x0: Tensor, cond: Any = None, t_samples: int | Non
     over all T-1 steps (`t_samples=None`) or an unbiased Monte Carlo estimate from `t_samples` uniform steps per image.
     `decoder="discrete"` is the 8-bit decoder of eq. 13 (bits/dim of images); "continuous" a Gaussian density.
     """
-    _check_pixel_space(model)
+    _check_estimator(model, "vlb")
     if decoder not in ("discrete", "continuous"):
         raise GenlabError(f"decoder={decoder!r}: use discrete or continuous")
     ab = model.alpha_bar.to(x0.dtype)
@@ -186,7 +186,7 @@ def diffusion_ode_log_likelihood(model: Any, x0: Tensor, cond: Any = None, gener
                                  **kw: Any) -> Tensor:
     """log p(x0) of a diffusion model's probability-flow ODE between its smallest and largest training sigma,
     with t(sigma) interpolated (not rounded to the nearest training step)."""
-    _check_pixel_space(model)
+    _check_estimator(model, "ode")
 
     def denoise(x: Tensor, sigma: Tensor, c: Any) -> Tensor:
         return model.denoise(x, sigma, c, quantize=False)
@@ -196,20 +196,24 @@ def diffusion_ode_log_likelihood(model: Any, x0: Tensor, cond: Any = None, gener
 
 
 # -- dispatch over families, and text ----------------------------------------------------------------------------
-def nll_bits_per_dim(model: Any, x: Tensor, cond: Any = None, method: str = "vlb", t_samples: int | None = 50,
+def nll_bits_per_dim(model: Any, x: Tensor, cond: Any = None, method: str | None = None, t_samples: int | None = 50,
                      generator: torch.Generator | None = None, batch_size: int = 100) -> Tensor:
-    """Bits/dim of 8-bit images x in [-1, 1] under a model, per image: the diffusion bound (`method="vlb"`) or ODE
-    likelihood (`"ode"`, dequantized) for diffusion models, dequantized `model.log_likelihood` for other families."""
-    if method not in ("vlb", "ode"):
-        raise GenlabError(f"method={method!r}: use vlb or ode")
+    """Bits/dim of 8-bit images x in [-1, 1] under a model, per image: with one of the estimators the family declares
+    (`likelihood_estimators`), the diffusion bound (`method="vlb"`, the default there) or ODE likelihood (`"ode"`,
+    dequantized); for a family that declares none, its own `log_likelihood` on dequantized pixels."""
+    if model.likelihood is Likelihood.NONE:
+        raise GenlabError(f"this {model.family} model has no likelihood (nor a bound on it) to measure")
+    estimators = model.likelihood_estimators
+    method = method or (estimators[0] if estimators else None)
+    if method is not None:
+        _check_estimator(model, method)
     dims, out = x[0].numel(), []
-    is_diffusion = getattr(model, "family", None) == "diffusion"
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]
         cb = cond[i : i + batch_size] if isinstance(cond, Tensor) else cond
-        if is_diffusion and method == "vlb":
+        if method == "vlb":
             nll = diffusion_vlb(model, xb, cb, t_samples=t_samples, generator=generator)
-        elif is_diffusion:
+        elif method == "ode":
             nll = dequantized_nll(lambda z, c=cb: diffusion_ode_log_likelihood(model, z, c, generator), xb, generator)
         else:
             with torch.no_grad():

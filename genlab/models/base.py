@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -20,6 +21,40 @@ from genlab.registry import MODELS
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+class Conditioning(str, Enum):
+    """What `sample(n, cond=...)` may be conditioned on."""
+
+    NONE = "none"
+    CLASS_LABEL = "class label"
+    TEXT = "text"
+    IMAGE = "image"
+    CONTROL_IMAGE = "control image"
+
+
+class Output(str, Enum):
+    """What `sample` returns: images (B, C, H, W) in [-1, 1], or token ids (B, T)."""
+
+    IMAGE = "image"
+    TEXT = "text"
+
+
+class Likelihood(str, Enum):
+    """What `log_likelihood` (or an estimator named in `likelihood_estimators`) gives."""
+
+    EXACT = "exact"
+    BOUND = "bound"  # a lower bound on log p(x) (ELBO, variational bound)
+    NONE = "none"
+
+
+class SampleOption(str, Enum):
+    """Keyword arguments of `sample` beyond (n, cond, generator) that a family may take."""
+
+    SAMPLER = "sampler"  # a registered sampler, its schedule and options (eta, s_churn, ...)
+    STEPS = "steps"
+    GUIDANCE = "guidance"  # a `genlab.sampling.controls.Guidance`
+    START = "start"  # a `genlab.sampling.controls.Start`: img2img and inpainting
 
 
 @dataclass
@@ -36,10 +71,19 @@ class GenerativeModel(nn.Module):
 
     A family whose update rule is not one optimizer on "loss" (GANs) overrides
     `configure_optimizers` and `train_step`; the trainer never branches on the family.
+
+    What a family takes and gives is declared in the class attributes below; commands, the evaluator and the
+    trainer read them and never ask for a family by name.
     """
 
     family: ClassVar[str]
     config_class: ClassVar[type]
+    conditioning: ClassVar[frozenset[Conditioning]] = frozenset({Conditioning.NONE})
+    output: ClassVar[Output] = Output.IMAGE
+    likelihood: ClassVar[Likelihood] = Likelihood.NONE
+    likelihood_estimators: ClassVar[tuple[str, ...]] = ()  # estimators of genlab.eval.likelihood; (): log_likelihood
+    sample_options: ClassVar[frozenset[SampleOption]] = frozenset()
+    per_item_seeds: ClassVar[bool] = False  # sample(generator=[g_0, ..., g_n-1]): item i depends on g_i alone
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -54,6 +98,23 @@ class GenerativeModel(nn.Module):
 
     def log_likelihood(self, x: Tensor, cond: Any = None) -> Tensor:
         raise GenlabError(f"the {self.family} family has no log-likelihood")
+
+    def labels_for(self, n: int, label: Any = None) -> Any:
+        """The `cond` of `sample` for `n` items given a class label (or None); default: the family takes no label."""
+        if label is not None:
+            raise GenlabError(f"the {self.family} family takes no class label; leave out the label")
+        return None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images `sample` returns (and a start image must have); image families override it."""
+        raise GenlabError(f"the {self.family} family outputs {self.output.value}, not images")
+
+    def takes(self) -> str:
+        """What `sample` takes, in words (for errors that list it)."""
+        cond = ", ".join(c.value for c in sorted(self.conditioning, key=list(Conditioning).index))
+        opts = ", ".join(o.value for o in sorted(self.sample_options, key=list(SampleOption).index)) or "no options"
+        return f"conditioning: {cond}; sampling: {opts}"
 
     # -- hooks the trainer calls (defaults suit single-optimizer image families) -------
     @classmethod
@@ -97,20 +158,21 @@ class GenerativeModel(nn.Module):
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:
         """Load a model folder; when called on the base class the family is read from config.json."""
         d, meta = read_model_meta(directory)
-        family_cls = MODELS.get(meta.get("family", ""))
+        family = meta.get("family")
+        if not isinstance(family, str) or not family:
+            raise GenlabError(f"{d / CONFIG_NAME} names no model family (a \"family\" string): re-export the model")
+        family_cls = MODELS.get(family)
         if cls is not GenerativeModel and not issubclass(family_cls, cls):
-            raise GenlabError(f"{d} holds a {meta.get('family')} model, not a {cls.family} model")
+            raise GenlabError(f"{d} holds a {family} model, not a {cls.family} model")
         if cls is not family_cls and "from_pretrained" in vars(family_cls):
             return family_cls.from_pretrained(d, map_location)  # the family reads folders of its own kinds
-        config = from_dict(family_cls.config_class, meta.get("config", {}), prefix="model.")
+        raw = meta.get("config", {})
+        if not isinstance(raw, dict):
+            raise GenlabError(f"{d / CONFIG_NAME}: \"config\" must be a JSON object, not {raw!r}: re-export the model")
+        config = from_dict(family_cls.config_class, raw, prefix="model.")
+        check_weights_fit(family_cls, config, d)  # before anything is allocated
         model = family_cls.from_folder_config(config, d)
-        state = load_weights(d / WEIGHTS_NAME, map_location)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise GenlabError(
-                f"{d / WEIGHTS_NAME} does not fit its config: {len(missing)} missing and "
-                f"{len(unexpected)} unexpected tensors (e.g. {(missing + unexpected)[0]})"
-            )
+        model.load_state_dict(load_weights(d / WEIGHTS_NAME, map_location))
         return model.to(map_location)
 
     @classmethod
@@ -139,9 +201,14 @@ def read_model_meta(directory: str | Path) -> tuple[Path, dict[str, Any]]:
     if not cfg_path.is_file():
         raise GenlabError(f"{d} is not a model folder: it has no {CONFIG_NAME}")
     try:
-        return d, json.loads(cfg_path.read_text())
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise GenlabError(f"{cfg_path} is not valid JSON ({e.msg}): re-export the model") from None
+    except UnicodeDecodeError:
+        raise GenlabError(f"{cfg_path} is not UTF-8 text: re-export the model") from None
+    if not isinstance(meta, dict):
+        raise GenlabError(f"{cfg_path} must hold a JSON object, not a {type(meta).__name__}: re-export the model")
+    return d, meta
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -154,6 +221,25 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (p / "checkpoints").is_dir():
         raise GenlabError(f"run folder {p} has no exported model yet: let training finish (or resume it) first")
     raise GenlabError(f"{p} is neither a model folder (config.json) nor a run folder with model/")
+
+
+def check_weights_fit(family_cls: type[GenerativeModel], config: Any, directory: Path) -> None:
+    """Refuse a folder whose config.json does not fit its weights (another size, another layout), comparing the
+    tensors the config makes, built on the meta device (nothing allocated), with the weights file's header."""
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        raise GenlabError(f"missing weights file {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise GenlabError(f"{path} is truncated or corrupt ({e}); restore it or re-export the model") from None
+    with torch.device("meta"):
+        made = {k: tuple(v.shape) for k, v in family_cls.from_folder_config(config, directory).state_dict().items()}
+    for key in sorted(made.keys() | saved.keys()):
+        if made.get(key) != saved.get(key):
+            raise GenlabError(f"{path} does not fit {directory / CONFIG_NAME}: tensor {key} is {saved.get(key)} in the "
+                              f"weights but {made.get(key)} by the config; restore the folder's config.json")
 
 
 def load_weights(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Tensor]:

@@ -12,11 +12,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genlab.config import from_dict, to_dict
+from genlab.config import MAX_DEPTH, MAX_IMAGE_SIZE, MAX_TIMESTEPS, MAX_WIDTH, check_int, from_dict, to_dict
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError
 from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL, encode_dataset, latent_scaling_factor
-from genlab.models.base import GenerativeModel, ModelConfig, resolve_model_dir, with_image_shape
+from genlab.models.base import (
+    Conditioning,
+    GenerativeModel,
+    Likelihood,
+    ModelConfig,
+    Output,
+    SampleOption,
+    resolve_model_dir,
+    with_image_shape,
+)
 from genlab.models.parameterization import (
     PRECONDITIONINGS,
     PREDICTIONS,
@@ -29,14 +38,7 @@ from genlab.models.parameterization import (
     vp_target,
 )
 from genlab.registry import BACKBONES, MODELS, SAMPLERS
-from genlab.sampling.controls import (
-    Callback,
-    img2img_sigmas,
-    img2img_start,
-    inpaint_denoiser,
-    paste,
-    sample_repaint,
-)
+from genlab.sampling.controls import Callback, Guidance, Start, paste
 from genlab.sampling.denoiser import Denoiser, classifier_free_guidance
 from genlab.sampling.noise import Generators, randn
 from genlab.sampling.schedules import (
@@ -65,6 +67,7 @@ def _images(images: Tensor, n: int, device: torch.device) -> Tensor:
     if x.shape[0] not in (1, n):
         raise GenlabError(f"{x.shape[0]} init images or masks for n={n} samples; give one or n")
     return x
+DEFAULT_GUIDANCE = Guidance()
 LATENT_SCALE_ITEMS = 256  # training items whose latents set the latent scale (262k numbers at 16x16x4)
 
 
@@ -114,6 +117,14 @@ class DiffusionConfig(ModelConfig):
 def _check(cfg: DiffusionConfig) -> None:
     if cfg.image_size <= 0 or cfg.channels <= 0:
         raise GenlabError("model.image_size and model.channels must be set (or build the model from a dataset)")
+    check_int("model.image_size", cfg.image_size, 1, MAX_IMAGE_SIZE, "activations grow with its square")
+    check_int("model.channels", cfg.channels, 1, MAX_WIDTH)
+    check_int("model.timesteps", cfg.timesteps, 2, MAX_TIMESTEPS, "its noise tables are built with the model")
+    check_int("model.base_channels", cfg.base_channels * max(cfg.channel_mults, default=1), 1, MAX_WIDTH,
+              "base_channels x the largest channel_mult is the widest layer")
+    check_int("model.hidden_size", cfg.hidden_size, 1, MAX_WIDTH)
+    for key in ("num_res_blocks", "depth"):
+        check_int(f"model.{key}", getattr(cfg, key), 1, MAX_DEPTH)
     if cfg.prediction not in PREDICTIONS:
         raise GenlabError(f"model.prediction={cfg.prediction!r} is unknown; choose one of: {', '.join(PREDICTIONS)}")
     if cfg.preconditioning not in PRECONDITIONINGS:
@@ -133,8 +144,6 @@ def _check(cfg: DiffusionConfig) -> None:
             raise GenlabError("model.sigma_min < model.sigma_max, model.sigma_data and model.P_std must be positive")
     if not 0.0 <= cfg.cond_drop < 1.0:
         raise GenlabError(f"model.cond_drop={cfg.cond_drop} must be in [0, 1)")
-    if cfg.timesteps < 2:
-        raise GenlabError(f"model.timesteps={cfg.timesteps} must be at least 2")
     if not cfg.channel_mults or min(cfg.channel_mults) < 1 or cfg.base_channels < 1 or cfg.num_res_blocks < 1:
         raise GenlabError("model.base_channels, model.channel_mults and model.num_res_blocks must be positive")
     for width in {cfg.base_channels * m for m in cfg.channel_mults}:
@@ -163,6 +172,12 @@ class DiffusionModel(GenerativeModel):
 
     family = "diffusion"
     config_class = DiffusionConfig
+    conditioning = frozenset({Conditioning.NONE, Conditioning.CLASS_LABEL})
+    output = Output.IMAGE
+    likelihood = Likelihood.BOUND
+    likelihood_estimators = ("vlb", "ode")  # the variational bound and the probability-flow ODE over `denoise`
+    sample_options = frozenset({SampleOption.SAMPLER, SampleOption.STEPS, SampleOption.GUIDANCE, SampleOption.START})
+    per_item_seeds = True
 
     def __init__(self, config: DiffusionConfig) -> None:
         super().__init__(config)
@@ -170,6 +185,8 @@ class DiffusionModel(GenerativeModel):
         self.num_classes = config.num_classes if config.class_cond else 0
         self.net = BACKBONES.get(config.backbone).from_config(config, self.num_classes)
         self.autoencoder = _frozen_autoencoder(config)  # latent diffusion; None in pixel space
+        if self.autoencoder is not None:  # its bounds would be over latents, not pixels
+            self.likelihood, self.likelihood_estimators = Likelihood.NONE, ()
         self.edm = config.preconditioning == "edm"
         if self.edm:  # a table of sigmas (log-spaced over the sampling range) for step spacings and likelihoods
             log_sigma = torch.tensor([config.sigma_min, config.sigma_max], dtype=torch.float64).log()
@@ -274,20 +291,21 @@ class DiffusionModel(GenerativeModel):
             return make(steps, self.config.sigma_min, self.config.sigma_max).to(self.sigmas)
         return get_sigmas(schedule or spacing, self.sigmas, steps)
 
-    def guided_denoiser(self, cfg: float = 1.0, labels: Tensor | None = None, negative: Tensor | None = None,
-                        rescale: float = 0.0) -> Denoiser:
-        """The denoiser the samplers call: classifier-free guidance when cfg != 1 (against the null class, or the
-        `negative` labels), with guidance `rescale`, then x0 clamped to [-1, 1]."""
+    def guided_denoiser(self, guidance: Guidance | None = None, labels: Tensor | None = None) -> Denoiser:
+        """The denoiser the samplers call: classifier-free guidance when its scale != 1 (against the null class, or
+        the negative labels), with guidance rescale, then x0 clamped to [-1, 1]; None: no guidance."""
         denoiser: Denoiser = self.denoise
-        if labels is not None and cfg != 1.0:
-            null = negative if negative is not None else torch.full_like(labels, self.num_classes)
-            denoiser = classifier_free_guidance(denoiser, cfg, null, rescale)
+        if labels is not None and guidance is not None and guidance.scale != 1.0:
+            n = len(labels)
+            null = self.labels_for(n, guidance.negative).to(labels.device) if guidance.negative is not None \
+                else torch.full_like(labels, self.num_classes)
+            denoiser = classifier_free_guidance(denoiser, guidance.scale, null, guidance.rescale)
         if not self.config.clip_denoised or self.autoencoder is not None:
             return denoiser
         inner = denoiser
         return lambda x, sigma, cond: inner(x, sigma, cond).clamp(-1.0, 1.0)
 
-    def labels_for(self, n: int, cond: Any) -> Tensor | None:
+    def labels_for(self, n: int, cond: Any = None) -> Tensor | None:
         """Labels as a (n,) long tensor: None/int/list/tensor; None on a class-conditional model cycles classes
         in blocks (one grid row per class)."""
         if not self.num_classes:
@@ -307,76 +325,64 @@ class DiffusionModel(GenerativeModel):
         return labels.clone()
 
     @torch.no_grad()
-    def sample(self, n: int, cond: Any = None, generator: Generators = None, sampler: str = "ddim",
-               steps: int = 50, cfg: float = 3.0, eta: float | None = None, spacing: str = "leading",
-               schedule: str | None = None, negative_cond: Any = None, guidance_rescale: float = 0.0,
-               init: Tensor | None = None, strength: float = 1.0, mask: Tensor | None = None,
-               repaint_jumps: int = 1, repaint_jump_length: int = 10, callback: Callback | None = None,
+    def sample(self, n: int, cond: Any = None, generator: Generators = None, *, sampler: str = "ddim",
+               steps: int = 50, spacing: str = "leading", schedule: str | None = None,
+               guidance: Guidance = DEFAULT_GUIDANCE, start: Start | None = None, callback: Callback | None = None,
                progress: bool = False, **sampler_opts: Any) -> Tensor:
         """`n` images in [-1, 1]: x_T ~ N(0, I), then `sampler` over the `schedule` sigmas (default: `steps`
-        timesteps with `spacing`), guided by `cfg` against the null class or the `negative_cond` labels.
+        timesteps with `spacing`) on the `guidance`-wrapped denoiser; a `start` image composes img2img or
+        inpainting from `genlab.sampling.controls`.
 
-        `init` images (in [-1, 1]) with `strength` < 1: img2img (SDEdit); `init` + `mask` (1 = generate):
-        inpainting, with RePaint resampling when `repaint_jumps` > 1. `sampler_opts` go to the sampler (s_churn,
-        order, ...); `callback` gets each step's dict (its `denoised` is the preview). `generator` may be a list
-        of n generators: image i then depends on generator i only.
+        `sampler_opts` go to the sampler (eta, s_churn, order, ...); `callback` gets each step's dict (its
+        `denoised` is the preview). `generator` may be a list of n generators: image i then depends on
+        generator i only.
         """
         if not 1 <= n <= MAX_SAMPLES:
             raise GenlabError(f"n={n} is out of range; use 1..{MAX_SAMPLES}")
-        if cfg < 0:
-            raise GenlabError(f"cfg={cfg} must be >= 0 (1 = no guidance)")
-        if mask is not None and init is None:
-            raise GenlabError("a mask needs the image to inpaint: pass init as well")
-        fn = SAMPLERS.get(sampler)
-        opts = sampler_options(sampler, eta=eta, **sampler_opts)
-        if repaint_jumps > 1 and (mask is None or sampler != "ddpm"):
-            raise GenlabError("RePaint resampling (repaint_jumps > 1) inpaints with ddpm steps: pass a mask and "
-                              "sampler='ddpm'")
+        run = SAMPLERS.get(sampler)
+        opts = sampler_options(sampler, **sampler_opts)
         device = self.alpha_bar.device
         labels = self.labels_for(n, cond)
         labels = labels.to(device) if labels is not None else None
-        negative = self.labels_for(n, negative_cond).to(device) if negative_cond is not None else None
         sigmas = self.sampling_sigmas(steps, spacing, schedule).to(device)
         c, s = self.config.channels, self.config.image_size
         noise = randn((n, c, s, s), generator, device)
-        denoiser = self.guided_denoiser(cfg, labels, negative, guidance_rescale)
+        denoiser = self.guided_denoiser(guidance, labels)
         x = noise * (1 + sigmas[0] ** 2).sqrt()
-        if init is not None:
-            init_x = self._model_space(init, n)
-            sigmas = img2img_sigmas(sigmas, strength)
-            x = img2img_start(init_x, noise, sigmas, strength)
-        if mask is not None:
-            mask_x = self._model_space_mask(mask, n)
-            if repaint_jumps <= 1:
-                denoiser = inpaint_denoiser(denoiser, init_x, mask_x, noise)
+        mask = None
+        if start is not None:
+            init = self._model_space(start.image, n)
+            mask = self._model_space_mask(start.mask, n) if start.mask is not None else None
+            run, denoiser, sigmas, x = start.compose(sampler, run, denoiser, sigmas, noise, init, mask)
         noise_sampler = noise_sampler_for(sampler, x, generator)
         was_training = self.training
         self.eval()
         try:
-            if repaint_jumps > 1:
-                out = sample_repaint(denoiser, x, sigmas, init_x, mask_x, labels, repaint_jump_length, repaint_jumps,
-                                     noise_sampler, callback, progress)
-            else:
-                out = fn(denoiser, x, sigmas, cond=labels, noise_sampler=noise_sampler, callback=callback,
-                         progress=progress, **opts)
+            out = run(denoiser, x, sigmas, cond=labels, noise_sampler=noise_sampler, callback=callback,
+                      progress=progress, **opts)
         finally:
             self.train(was_training)
         if mask is not None:
-            out = paste(out, init_x, mask_x)
+            out = paste(out, init, mask)
         if self.autoencoder is not None:
             out = self.autoencoder.decode(out / self.config.latent_scale)
-            if mask is not None:  # the decoder only approximates the known pixels; keep them exactly
-                out = paste(out, _images(init, n, device), _images(mask, n, device))
+            if start is not None and start.mask is not None:  # the decoder only approximates the known pixels
+                out = paste(out, _images(start.image, n, device), _images(start.mask, n, device))
         return out.clamp(-1.0, 1.0)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the pixels: the autoencoder's for a latent model."""
+        cfg = self.autoencoder.config if self.autoencoder is not None else self.config
+        return cfg.channels, cfg.image_size, cfg.image_size
 
     def _model_space(self, images: Tensor, n: int) -> Tensor:
         """Images in [-1, 1] (one, or one per sample) in the sampler's space: pixels, or scaled latent means."""
         x = _images(images, n, self.alpha_bar.device)
-        pixels = (self.autoencoder.config.channels, self.autoencoder.config.image_size) if self.autoencoder \
-            else (self.config.channels, self.config.image_size)
-        if (x.shape[1], x.shape[2], x.shape[3]) != (pixels[0], pixels[1], pixels[1]):
-            raise GenlabError(f"init image is {tuple(x.shape[1:])} but this model makes {pixels[0]}x{pixels[1]}x"
-                              f"{pixels[1]} images; resize it")
+        if tuple(x.shape[1:]) != self.image_shape:
+            c, h, w = self.image_shape
+            raise GenlabError(f"init image is {tuple(x.shape[1:])} but this model makes {c}x{h}x{w} images; "
+                              "resize it")
         if self.autoencoder is None:
             return x.expand(n, -1, -1, -1)
         return self.autoencoder.encode(x)[0].expand(n, -1, -1, -1) * self.config.latent_scale
@@ -397,7 +403,7 @@ class DiffusionModel(GenerativeModel):
             nrow = max(1, sample_cfg.n // self.num_classes)
             n = nrow * self.num_classes
         x = self.sample(n, generator=generator, sampler=sample_cfg.sampler, steps=sample_cfg.steps,
-                        cfg=sample_cfg.cfg, eta=sample_cfg.eta)
+                        guidance=Guidance(sample_cfg.cfg), eta=sample_cfg.eta)
         params = {"sampler": sample_cfg.sampler, "steps": sample_cfg.steps, "cfg": sample_cfg.cfg,
                   "eta": sample_cfg.eta, "n": n, "seed": sample_cfg.seed}
         return [save_grid(x, Path(stem).with_suffix(".png"), nrow=nrow, params=params)]

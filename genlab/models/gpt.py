@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from genlab.config import MAX_CONTEXT, MAX_DEPTH, MAX_VOCAB, MAX_WIDTH, check_int
 from genlab.data.tokenizer import TOKENIZER_NAME, Tokenizer, tokenizer_kind, train_tokenizer
 from genlab.errors import GenlabError
 from genlab.models.base import (
@@ -73,6 +74,12 @@ class GPT(GenerativeModel):
         c = config
         if c.vocab_size <= 0:
             raise GenlabError("model.vocab_size is unset: build the model from data or give a tokenizer_file")
+        check_int("model.vocab_size", c.vocab_size, 1, MAX_VOCAB)
+        check_int("model.block_size", c.block_size, 1, MAX_CONTEXT, "position tables of this length are built")
+        check_int("model.n_embd", c.n_embd, 1, MAX_WIDTH)
+        check_int("model.ffn_hidden", c.ffn_hidden, 0, 4 * MAX_WIDTH)
+        check_int("model.n_head", c.n_head, 1, c.n_embd)
+        check_int("model.n_layer", c.n_layer, 1, MAX_DEPTH)
         if c.n_embd % c.n_head:
             raise GenlabError(f"model.n_embd={c.n_embd} must be divisible by model.n_head={c.n_head}")
         self.n_kv_head = c.n_kv_head or c.n_head
@@ -247,7 +254,7 @@ class GPT(GenerativeModel):
                 from genlab.data.chat import conversation_text
 
                 text = conversation_text(text)
-            tok = train_tokenizer(text, config.tokenizer, config.vocab)
+            tok = train_tokenizer(text, config.tokenizer, config.vocab, "model.vocab")
         return cls(replace(config, vocab_size=tok.vocab_size), tokenizer=tok)
 
     def prepare_data(self, dataset: Any) -> Any:

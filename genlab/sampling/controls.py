@@ -7,9 +7,12 @@ content is generated and 0 where the input is kept, broadcastable to the images.
 
 from __future__ import annotations
 
+import functools
+import math
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +25,64 @@ from genlab.sampling.noise import NoiseSampler, default_noise_sampler
 from genlab.sampling.solvers import sample_ddpm
 
 Callback = Callable[[dict[str, Any]], None]
+Sampler = Callable[..., Tensor]  # sampler(denoiser, x, sigmas, cond=, noise_sampler=, callback=, progress=)
+
+
+# -- the options of a diffusion model's `sample`, grouped ----------------------------------
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance (Ho & Salimans 2022): `scale` (1 = none) against the null condition or the
+    `negative` one, with guidance `rescale` phi in [0, 1] (Lin et al. 2024, sec. 3.4; 0 = off)."""
+
+    scale: float = 3.0
+    negative: Any = None
+    rescale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise GenlabError(f"guidance scale {self.scale} must be a finite number >= 0 (1 = no guidance)")
+        if not 0.0 <= self.rescale <= 1.0:
+            raise GenlabError(f"guidance rescale {self.rescale} must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Start:
+    """Sampling that starts from an image: img2img (SDEdit) at `strength`, or inpainting where `mask` = 1 (default
+    strength 1), with RePaint resampling when `repaint_jumps` > 1. `image` (pixels in [-1, 1]) and `mask` are
+    (H, W), (C, H, W) or (1 or n, C, H, W); the model maps them to its sampler's space."""
+
+    image: Tensor
+    strength: float | None = None  # default: 0.8 for img2img, 1.0 with a mask
+    mask: Tensor | None = None
+    repaint_jumps: int = 1
+    repaint_jump_length: int = 10
+
+    def __post_init__(self) -> None:
+        if self.strength is not None and not 0.0 <= self.strength <= 1.0:
+            raise GenlabError(f"strength={self.strength} must be in [0, 1] (0 keeps the input, 1 ignores it)")
+        if self.repaint_jumps > 1 and self.mask is None:
+            raise GenlabError("RePaint resampling (repaint_jumps > 1) inpaints: give a mask as well")
+
+    @property
+    def resolved_strength(self) -> float:
+        return self.strength if self.strength is not None else (1.0 if self.mask is not None else 0.8)
+
+    def compose(self, sampler_name: str, sampler: Sampler, denoiser: Denoiser, sigmas: Tensor, noise: Tensor,
+                init: Tensor, mask: Tensor | None) -> tuple[Sampler, Denoiser, Tensor, Tensor]:
+        """(sampler, denoiser, sigmas, x_start) of this start composed from the controls below, given `init` and
+        `mask` already in the sampler's space and the prior `noise`."""
+        if self.repaint_jumps > 1 and sampler_name != "ddpm":
+            raise GenlabError("RePaint resampling (repaint_jumps > 1) inpaints with ddpm steps: use sampler ddpm")
+        strength = self.resolved_strength
+        sigmas = img2img_sigmas(sigmas, strength)
+        x = img2img_start(init, noise, sigmas, strength)
+        if mask is None:
+            return sampler, denoiser, sigmas, x
+        if self.repaint_jumps > 1:
+            repaint = functools.partial(sample_repaint, init=init, mask=mask, jump_length=self.repaint_jump_length,
+                                        jump_n_sample=self.repaint_jumps)
+            return repaint, denoiser, sigmas, x
+        return sampler, inpaint_denoiser(denoiser, init, mask, noise), sigmas, x
 
 
 # -- img2img (SDEdit) ------------------------------------------------------------------------
