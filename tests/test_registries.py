@@ -13,8 +13,8 @@ from genlab.errors import GenlabError
 from genlab.registry import BACKBONES, DATASETS, MODELS, SAMPLERS, Registry
 
 TINY_DIT = ["model.backbone=dit", "model.patch_size=8", "model.hidden_size=16", "model.depth=1",
-            "model.num_heads=2", "data.name=noto", "data.max_items=8", "train.steps=1", "train.batch_size=4",
-            "train.log_every=1", "sample.sampler=dpmpp_2m", "sample.steps=2", "sample.n=2"]
+            "model.num_heads=2", "data.name=noto", "data.max_items=8", "train.steps=1", "train.warmup_steps=0",
+            "train.batch_size=4", "train.log_every=1", "sample.sampler=dpmpp_2m", "sample.steps=2", "sample.n=2"]
 
 
 def genlab(*args: str) -> subprocess.CompletedProcess:
@@ -48,14 +48,20 @@ def test_sample_with_a_non_default_sampler(dit_run, tmp_path):
     assert (tmp_path / "grid.png").is_file()
 
 
-def test_eval_of_a_non_default_family_with_a_non_default_sampler(tmp_path):
-    """An autoencoder_kl folder (random weights), measured by its likelihood bound; the sampler name is checked."""
+def test_eval_with_a_non_default_sampler(dit_run, tmp_path):
+    assert_ok(genlab("eval", str(dit_run), "--metrics", "nll", "--nll-n", "2", "--nll-t-samples", "2",
+                     "--sampler", "dpmpp_2m", "--n", "2", "--steps", "2", "--out", str(tmp_path / "eval")))
+    assert (tmp_path / "eval" / "eval.json").is_file()
+
+
+def test_eval_of_a_non_default_family(tmp_path):
+    """An autoencoder_kl folder (random weights), measured by its likelihood bound."""
     from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
     AutoencoderKL(AutoencoderConfig(image_size=32, channels=3, base_channels=8, channel_mults=(1,), norm_groups=4,
                                     z_channels=2)).save_pretrained(tmp_path / "ae")
     assert_ok(genlab("eval", str(tmp_path / "ae"), "--data", "noto", "--metrics", "nll", "--nll-n", "2",
-                     "--sampler", "dpmpp_2m", "--n", "2", "--steps", "2", "--out", str(tmp_path / "eval")))
+                     "--out", str(tmp_path / "eval")))
     assert (tmp_path / "eval" / "eval.json").is_file()
 
 
