@@ -151,3 +151,33 @@ def test_micro_batches_weighted_by_tokens_give_the_loss_and_gradient_of_the_whol
     assert out["loss"].item() == pytest.approx(manual.item(), rel=1e-5)
     for (name, p), q in zip(trainer.model.named_parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_two_processes_weight_by_the_tokens_of_both(tmp_path, monkeypatch):
+    """Two processes, simulated: each weights its rows by the step's token count on both (the all-reduce), and
+    the average of their gradients (what DDP applies) is the gradient of the mean over all tokens of both."""
+    import copy
+
+    from genlab.train import Trainer
+
+    lines = [chat("a", "b"), chat("x", "the quick brown fox jumps")] * 8
+    trainer = Trainer(sft_config(tmp_path, lines, "train.steps=1", "train.batch_size=4", "train.grad_accum=2"))
+    halves = [trainer.data.get_batch([0, 2, 4, 6]), trainer.data.get_batch([1, 3, 5, 7])]  # short, then long rows
+    counts = [int(trainer.model.loss_tokens(h)) for h in halves]
+    ref = copy.deepcopy(trainer.model).train()
+    full = {k: torch.cat([h[k] for h in halves]) for k in halves[0]}
+    manual = ref.training_losses(full)["loss"]
+    manual.backward()
+
+    (opt,) = trainer.optimizers
+    opt.step = opt.zero_grad = lambda *a, **k: None
+    trainer.world = 2
+    grads, losses = [], []
+    for rank, half in enumerate(halves):
+        monkeypatch.setattr(trainer.accelerator, "reduce", lambda t, reduction, r=rank: t + counts[1 - r])
+        trainer.model.zero_grad(set_to_none=True)
+        losses.append(trainer._train_step(half, trainer.optimizers, trainer.accelerator, trainer.objective)["loss"])
+        grads.append([p.grad.clone() for p in trainer.model.parameters()])
+    assert ((losses[0] + losses[1]) / 2).item() == pytest.approx(manual.item(), rel=1e-5)  # as `_reduce` averages
+    for g0, g1, q in zip(*grads, ref.parameters(), strict=True):
+        torch.testing.assert_close((g0 + g1) / 2, q.grad, rtol=1e-4, atol=1e-6)
