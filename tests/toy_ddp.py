@@ -5,10 +5,12 @@ import sys
 from pathlib import Path
 
 import torch
-import toy_family  # noqa: F401  (registers the toy family)
 
 from genlab.config import load_run_config
+from genlab.registry import MODELS
 from genlab.train import Trainer
+
+MODELS.modules.append("toy_family")  # this script's folder is on sys.path
 
 if __name__ == "__main__":
     recipe, run_dir, *overrides = sys.argv[1:]
