@@ -183,7 +183,8 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
         test = load_images(data, args.split)
         x = all_images(test)[: args.nll_n].to(device)
         g = torch.Generator().manual_seed(args.seed)
-        bpd = nll_bits_per_dim(model, x, method=args.nll_method, t_samples=args.nll_t_samples, generator=g)
+        bpd = nll_bits_per_dim(model, x, method=args.nll_method, t_samples=args.nll_t_samples, generator=g,
+                               progress=True)
         result |= {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": float(bpd.std() / len(bpd) ** 0.5),
                    "nll_method": args.nll_method or (model.likelihood_estimators or ("dequantized log_likelihood",))[0],
                    "nll_n": len(bpd)}

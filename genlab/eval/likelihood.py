@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from genlab.errors import GenlabError
 from genlab.models.base import Likelihood
@@ -197,7 +198,8 @@ def diffusion_ode_log_likelihood(model: Any, x0: Tensor, cond: Any = None, gener
 
 # -- dispatch over families, and text ----------------------------------------------------------------------------
 def nll_bits_per_dim(model: Any, x: Tensor, cond: Any = None, method: str | None = None, t_samples: int | None = 50,
-                     generator: torch.Generator | None = None, batch_size: int = 100) -> Tensor:
+                     generator: torch.Generator | None = None, batch_size: int = 100, progress: bool = False
+                     ) -> Tensor:
     """Bits/dim of 8-bit images x in [-1, 1] under a model, per image: with one of the estimators the family declares
     (`likelihood_estimators`), the diffusion bound (`method="vlb"`, the default there) or ODE likelihood (`"ode"`,
     dequantized); for a family that declares none, its own `log_likelihood` on dequantized pixels."""
@@ -208,6 +210,7 @@ def nll_bits_per_dim(model: Any, x: Tensor, cond: Any = None, method: str | None
     if method is not None:
         _check_estimator(model, method)
     dims, out = x[0].numel(), []
+    bar = tqdm(total=len(x), desc=f"likelihood ({method or 'log_likelihood'})", unit="img", disable=not progress)
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]
         cb = cond[i : i + batch_size] if isinstance(cond, Tensor) else cond
@@ -219,6 +222,8 @@ def nll_bits_per_dim(model: Any, x: Tensor, cond: Any = None, method: str | None
             with torch.no_grad():
                 nll = dequantized_nll(lambda z, c=cb: model.log_likelihood(z, c), xb, generator)
         out.append(bits_per_dim(nll, dims).cpu())
+        bar.update(len(xb))
+    bar.close()
     return torch.cat(out)
 
 
