@@ -46,6 +46,11 @@ def _target(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
+def _called(func: ast.expr) -> str | None:
+    """The name a call calls: `f(...)` -> "f", `a.b.f(...)` -> "f"."""
+    return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else None
+
+
 def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The package modules `module` imports anywhere in its body."""
     is_package = path.name == "__init__.py"
@@ -60,11 +65,11 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 anchor = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
                 base = ".".join([*anchor, *([base] if base else [])])
             names = [f"{base}.{a.name}" for a in node.names]  # a submodule, else a name in `base`
-        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"
+        elif (isinstance(node, ast.Call) and _called(node.func) in ("import_module", "__import__")
               and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
             names = [node.args[0].value]
         for name in names:
-            target = _target(name, modules) if name.startswith("genlab") else None
+            target = _target(name, modules) if name.split(".")[0] == "genlab" else None
             if target is not None and target != module:
                 found.add(target)
     return found
@@ -149,7 +154,7 @@ def test_the_rules_catch_function_level_relative_and_literal_lazy_imports(tmp_pa
         "config.py": "def f():\n    from genlab.models import gpt\n",  # upward, inside a function
         "models/__init__.py": "",
         "models/gpt.py": "from . import export\n",  # relative
-        "models/export.py": "import importlib\nimportlib.import_module('genlab.models.gpt')\n",  # literal lazy
+        "models/export.py": "from importlib import import_module\nimport_module('genlab.models.gpt')\n",  # literal lazy
         "registry.py": "import importlib\nMODS = ['genlab.models.gpt']\n"
                        "def load():\n    for m in MODS:\n        importlib.import_module(m)\n",  # data: no edge
     })
