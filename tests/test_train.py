@@ -372,6 +372,9 @@ def test_cuda_rng_of_the_rank_s_own_gpu_resumes_on_fewer_gpus(tmp_path, monkeypa
     one = fake_gpus(monkeypatch, 1)
     ckpt.set_rng_state(state["rng"][0], torch.device("cuda", 0))
     assert torch.equal(one.states[0], torch.full((16,), 5, dtype=torch.uint8))
+    older = {**saved, "cuda": [torch.full((16,), 10 + i, dtype=torch.uint8) for i in range(8)]}  # every GPU's state
+    ckpt.set_rng_state(older, torch.device("cuda", 0))
+    assert torch.equal(one.states[0], torch.full((16,), 10, dtype=torch.uint8))  # the entry of this device
 
 
 def test_processes_wait_for_one_another_as_long_as_the_recipe_says(tmp_path, monkeypatch):
