@@ -2,9 +2,9 @@
 
 The math of FID, KID and IS is torchmetrics' (its metrics accept any feature `nn.Module`; here the features are
 computed once by genlab's own network and fed through an identity module, built with `sync_on_compute=False`: one
-process computes each number on features it already holds, under torchrun rank 0 alone). Improved precision and
-recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al. 2020), which torchmetrics lacks, are written
-here.
+process computes each number on features it already holds, under torchrun rank 0 alone). KID's standard error (a
+jackknife variance), improved precision and recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al.
+2020), which torchmetrics lacks, are written here.
 Every function takes (N, D) float tensors and is deterministic given its `seed`.
 """
 
@@ -195,7 +195,11 @@ def equal_sizes(real: Tensor, fake: Tensor, seed: int = 0) -> tuple[Tensor, Tens
     """Both sets at the smaller one's size: the larger is subsampled without replacement with a seeded generator."""
     n = min(len(real), len(fake))
     g = torch.Generator().manual_seed(seed)
-    return tuple(x if len(x) == n else x[torch.randperm(len(x), generator=g)[:n]] for x in (real, fake))
+
+    def take(x: Tensor) -> Tensor:
+        return x if len(x) == n else x[torch.randperm(len(x), generator=g)[:n]]
+
+    return take(real), take(fake)
 
 
 def precision_recall_density_coverage(real: Tensor, fake: Tensor, seed: int = 0) -> dict[str, float]:
