@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from genlab.errors import GenlabError
 
@@ -25,8 +26,15 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (a missing argument, `--n many`) are one-line user errors like any other."""
+
+    def error(self, message: str) -> NoReturn:
+        raise GenlabError(f"{message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genlab", description="A workbench for generative AI.")
+    parser = _Parser(prog="genlab", description="A workbench for generative AI.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in COMMANDS.items():
         module = importlib.import_module(f"genlab.commands.{name.replace('-', '_')}")
@@ -37,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)
     except GenlabError as e:
         print(f"genlab: error: {e}", file=sys.stderr)

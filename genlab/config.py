@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -151,14 +153,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         raise GenlabError(f"config key {key!r} must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise GenlabError(f"config key {key!r} must be a number, got {value!r}")
+        if number is None or not math.isfinite(number):
+            raise GenlabError(f"config key {key!r} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -264,3 +269,86 @@ def load_run_config(path_or_name: str | None, overrides: list[str] | None = None
 def validate_model_config(cfg: RunConfig) -> Any:
     """Check the `model:` section against its family's config dataclass; return that dataclass."""
     return from_dict(MODELS.get(cfg.family).config_class, cfg.model, prefix="model.")
+
+
+# -- value checks shared by the CLI, recipes and model folders: one line that names the option and its range --------
+MAX_SAMPLES = 10_000  # images (or texts) one command draws: 10,000 is the usual FID sample size
+MAX_SAMPLING_STEPS = 10_000  # no sampler improves measurably past ~1,000 steps; 10,000 would take hours
+MAX_SEED = 2**64 - 1  # torch generators take unsigned 64-bit seeds
+# sizes in a recipe or a model folder's config.json, refused before anything is allocated
+MAX_IMAGE_SIZE = 1024  # pixels a side: activations grow with its square (a 1024 px U-Net batch already takes GBs)
+MAX_WIDTH = 16_384  # channels or embedding width: one 16k x 16k layer alone holds 268M weights
+MAX_DEPTH = 1_024  # layers or blocks
+MAX_TIMESTEPS = 100_000  # diffusion steps: their noise tables are built when the model is
+MAX_CONTEXT = 1_048_576  # tokens: position tables of this length are built when the model is
+MAX_VOCAB = 1_048_576  # tokens in a vocabulary
+
+
+def _shown(what: str, value: Any) -> str:
+    """`--cfg nan` for a command-line flag, `train.lr=nan` for a config key."""
+    return f"{what} {value}" if what.startswith("-") else f"{what}={value}"
+
+
+def check_number(what: str, value: float, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    """`value` when it is a finite number in the range (each end closed unless `*_open`); else a one-line error
+    naming `what` (a flag or a config key), the range and the `hint`."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if ok:
+        return value
+    if low is not None and high is not None:
+        rng = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        rng = f" {'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        rng = f" {'<' if high_open else '<='} {high:g}"
+    else:
+        rng = ""
+    raise GenlabError(f"{_shown(what, value)} must be a finite number{rng}{f' ({hint})' if hint else ''}")
+
+
+def check_int(what: str, value: int, low: int, high: int | None = None, why: str = "") -> int:
+    """`value` when it is an integer in [low, high]; else a one-line error with the limit and `why` it is there."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GenlabError(f"{_shown(what, value)} must be a whole number")
+    if value < low:
+        raise GenlabError(f"{_shown(what, value)} must be at least {low}")
+    if high is not None and value > high:
+        raise GenlabError(f"{_shown(what, value)} is too large: at most {high:,}{f' ({why})' if why else ''}")
+    return value
+
+
+def check_seed(what: str, seed: int, count: int = 1) -> int:
+    """A seed such that seed, seed + 1, ..., seed + count - 1 are all valid generator seeds."""
+    return check_int(what, seed, 0, MAX_SEED - max(count - 1, 0), "generators take unsigned 64-bit seeds, "
+                     "and item i uses seed + i")
+
+
+def check_output_path(path: str | Path, what: str, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: an existing folder where a file is written, an
+    existing file where a folder is made, or a place under a file or not writable."""
+    p = Path(path).expanduser()
+    if folder and p.exists() and not p.is_dir():
+        raise GenlabError(f"{what} {p} is a file, not a folder; give a folder name")
+    if not folder and p.is_dir():
+        raise GenlabError(f"{what} {p} is a folder; give a file name inside it, e.g. {p / 'out.png'}")
+    parent = p if folder else p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise GenlabError(f"cannot write {what} {p}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise GenlabError(f"cannot write {what} {p}: {parent} is not writable; choose another place")
+    return p
+
+
+def check_device(what: str, device: str) -> str:
+    """auto, cpu, cuda or cuda:N."""
+    kind, _, index = device.partition(":")
+    if device not in ("auto", "cpu") and not (kind == "cuda" and (not index or index.isdigit())):
+        raise GenlabError(f"{what} {device} is unknown; use auto, cpu, cuda or cuda:N")
+    return device
