@@ -15,6 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from genlab.config import MAX_VOCAB, check_int
 from genlab.errors import GenlabError
 from genlab.files import write_atomic
 
@@ -90,11 +91,13 @@ class Tokenizer:
         return cls(HFTokenizer.from_str(text))
 
 
-def train_bpe(text: str, vocab_size: int) -> Tokenizer:
-    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte alphabet) trained on `text` to `vocab_size` entries."""
+def train_bpe(text: str, vocab_size: int, what: str = "vocab size") -> Tokenizer:
+    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte alphabet) trained on `text` to `vocab_size` entries
+    (`what` names the size in errors: a flag or a config key)."""
     min_size = 256 + len(SPECIAL_TOKENS)
     if vocab_size < min_size:
-        raise GenlabError(f"vocab size {vocab_size} is too small for byte-level BPE; use at least {min_size}")
+        raise GenlabError(f"{what} {vocab_size} is too small for byte-level BPE; use at least {min_size}")
+    check_int(what, vocab_size, min_size, MAX_VOCAB, "the trainer's tables and the embedding grow with it")
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -120,13 +123,13 @@ def train_char(text: str, max_chars: int | None = None) -> Tokenizer:
     return Tokenizer(tok)
 
 
-def train_tokenizer(text: str, kind: str = "bpe", vocab_size: int = 4096) -> Tokenizer:
+def train_tokenizer(text: str, kind: str = "bpe", vocab_size: int = 4096, what: str = "vocab size") -> Tokenizer:
     """A tokenizer of `kind` ("bpe" or "char") trained on `text`."""
     if kind not in KINDS:
         raise GenlabError(f"unknown tokenizer kind {kind!r}; choose one of: {', '.join(KINDS)}")
     if not text:
         raise GenlabError("cannot train a tokenizer on empty text")
-    return train_bpe(text, vocab_size) if kind == "bpe" else train_char(text)
+    return train_bpe(text, vocab_size, what) if kind == "bpe" else train_char(text)
 
 
 def tokenizer_kind(tok: Tokenizer) -> str:

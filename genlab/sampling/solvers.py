@@ -10,6 +10,7 @@ Lu et al. 2022; Zhao et al. 2023). Stochastic steps take their noise from `noise
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,6 +19,7 @@ from scipy import integrate
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from genlab.config import check_int, check_number
 from genlab.errors import GenlabError
 from genlab.registry import SAMPLERS
 from genlab.sampling.denoiser import Denoiser, to_d
@@ -27,6 +29,13 @@ Callback = Callable[[dict[str, Any]], None]
 
 # arguments every sampler takes from the caller, not from the user
 _CALLER_ARGS = ("denoiser", "x", "sigmas", "cond", "noise_sampler", "callback", "progress")
+
+
+# the ranges of the samplers' numeric options, k-diffusion's meanings: churn and noise scales, the sigma window of
+# churn, the dpmpp_sde step ratio r, the multistep order
+OPTION_RANGES: dict[str, tuple[float, float | None]] = {
+    "s_churn": (0, None), "s_tmin": (0, None), "s_tmax": (0, None), "s_noise": (0, None), "r": (0, 1), "order": (1, 4),
+}
 
 
 def sampler_defaults(name: str) -> dict[str, Any]:
@@ -40,15 +49,20 @@ def sampler_options(name: str, eta: float | None = None, **opts: Any) -> dict[st
     ancestral and SDE samplers' 1)."""
     known = sampler_defaults(name)
     if eta is not None:
-        if not 0.0 <= eta <= 1.0:
-            raise GenlabError(f"eta={eta} must be in [0, 1]")
+        check_number("eta", eta, 0, 1)
         if "eta" in known:
             opts["eta"] = eta
         elif eta:
             raise GenlabError(f"eta applies to ddim and the ancestral / SDE samplers, not to {name}; leave it at 0")
-    for key in opts:
+    for key, value in opts.items():
         if key not in known:
             raise GenlabError(f"the {name} sampler has no option {key!r}; its options: {', '.join(known) or 'none'}")
+        if key in OPTION_RANGES and not (key == "s_tmax" and value == math.inf):  # s_tmax=inf: no upper bound
+            low, high = OPTION_RANGES[key]
+            if isinstance(known[key], int):
+                check_int(key, value, low, high)
+            else:
+                check_number(key, value, low, high)
     return opts
 
 

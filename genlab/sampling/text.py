@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from genlab.config import MAX_CONTEXT, check_int, check_number, check_seed
 from genlab.errors import GenlabError
 
 
@@ -35,22 +36,25 @@ class GenerationConfig:
     stop_token_ids: list[int] | None = None  # None: the tokenizer's EOS and END
     seed: int | None = None
 
-    def check(self) -> None:
-        """Reject settings outside their ranges with the name of the option to change."""
-        if self.max_new_tokens < 1:
-            raise GenlabError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
-        if self.temperature < 0:
-            raise GenlabError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
-        if self.top_k < 0:
-            raise GenlabError(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
-        if not 0 < self.top_p <= 1:
-            raise GenlabError(f"top_p={self.top_p} must be in (0, 1]")
-        if not 0 <= self.min_p < 1:
-            raise GenlabError(f"min_p={self.min_p} must be in [0, 1)")
-        if self.repetition_penalty <= 0:
-            raise GenlabError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1 turns it off)")
-        if self.num_beams < 1:
-            raise GenlabError(f"num_beams={self.num_beams} must be at least 1")
+    def check(self, flags: bool = False) -> None:
+        """Reject settings outside their ranges (or not finite) with the name of the option to change: the field's
+        name, or with `flags` the command-line flag (`--top-p`)."""
+        def name(key: str) -> str:
+            return "--" + key.replace("_", "-") if flags else key
+
+        check_int(name("max_new_tokens"), self.max_new_tokens, 1, MAX_CONTEXT, "the KV cache holds every token")
+        check_number(name("temperature"), self.temperature, 0, hint="0 is greedy")
+        check_int(name("top_k"), self.top_k, 0)
+        check_number(name("top_p"), self.top_p, 0, 1, low_open=True, hint="1 turns it off")
+        check_number(name("min_p"), self.min_p, 0, 1, high_open=True, hint="0 turns it off")
+        check_number(name("repetition_penalty"), self.repetition_penalty, 0, low_open=True, hint="1 turns it off")
+        for key in ("presence_penalty", "frequency_penalty", "length_penalty"):
+            check_number(name(key), getattr(self, key))
+        check_int(name("num_beams"), self.num_beams, 1)
+        if self.seed is not None:
+            check_seed(name("seed"), self.seed)
+        if any(not s for s in self.stop):
+            raise GenlabError(f"{name('stop')} '' is empty: it would stop before the first character; drop it")
 
     @property
     def greedy(self) -> bool:
