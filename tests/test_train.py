@@ -286,7 +286,8 @@ def test_bad_train_values_fail_before_any_work(tmp_path, override, message):
 
 def test_cli_train_prints_run_and_model_folders(tmp_path, capsys):
     recipe = toy_family.write_recipe(tmp_path)
-    assert main(["train", str(recipe), "--set", "train.steps=2", "--set", "name=cli"]) == 0
+    assert main(["train", str(recipe), "--set", "train.steps=2", "--set", "train.warmup_steps=2",
+                 "--set", "name=cli"]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "cli"
     assert f"run folder: {run}" in out and f"model:      {run / 'model'}" in out
@@ -315,15 +316,16 @@ def test_diffusion_family_resumes_exactly(tmp_path):
 
 
 def test_a_run_folder_in_use_is_refused_and_left_intact(tmp_path):
-    run = train(toy_family.toy_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), tmp_path / "run")
+    two = ("train.steps=2", "train.warmup_steps=2")
+    run = train(toy_family.toy_config(tmp_path, *two, "train.ckpt_every=1"), tmp_path / "run")
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME}
     with run_lock(run):  # another trainer holds the folder
         with pytest.raises(GenlabError, match=rf"in use by another training process \(pid {os.getpid()}\)"):
-            Trainer(toy_family.toy_config(tmp_path, "train.steps=2"), run, resume=False)
+            Trainer(toy_family.toy_config(tmp_path, *two), run, resume=False)
         with pytest.raises(GenlabError, match="in use by another training process"):
-            train(toy_family.toy_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), run)
+            train(toy_family.toy_config(tmp_path, *two, "train.ckpt_every=1"), run)
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME} == before
-    assert Trainer(toy_family.toy_config(tmp_path, "train.steps=2", "train.ckpt_every=1"), run).step == 2  # released
+    assert Trainer(toy_family.toy_config(tmp_path, *two, "train.ckpt_every=1"), run).step == 2  # released
 
 
 # -- many processes ----------------------------------------------------------------------------------------------

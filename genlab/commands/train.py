@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from genlab.config import load_run_config
+from genlab.config import check_output_path, load_run_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,9 +19,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_run_config(args.recipe, args.overrides)  # every key checked before any work starts
+    run_dir = check_output_path(args.run_dir or Path(cfg.out_dir) / cfg.name,
+                                "--run-dir" if args.run_dir else "the run folder (out_dir/name)", folder=True)
     from genlab.train import Trainer
 
-    trainer = Trainer(cfg, Path(args.run_dir) if args.run_dir else None, resume=not args.no_resume)
+    trainer = Trainer(cfg, run_dir, resume=not args.no_resume)
     model_dir = trainer.fit()
     if trainer.is_main:
         print(f"run folder: {trainer.run_dir}")

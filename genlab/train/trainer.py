@@ -44,13 +44,23 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from genlab.config import RunConfig, from_dict, to_dict
+from genlab.config import (
+    MAX_SAMPLES,
+    MAX_SAMPLING_STEPS,
+    RunConfig,
+    check_int,
+    check_number,
+    check_seed,
+    from_dict,
+    to_dict,
+)
 from genlab.data import load_dataset
 from genlab.errors import GenlabError
 from genlab.files import read_jsonl, write_atomic
 from genlab.models.base import Output
 from genlab.plots import plot_eval_metrics, plot_losses
 from genlab.registry import MODELS
+from genlab.sampling.solvers import sampler_options
 from genlab.train.checkpoint import (
     list_checkpoints,
     load_latest,
@@ -172,6 +182,34 @@ def _check_train_config(t: Any) -> None:
         raise GenlabError(f"train.dist_timeout_minutes must be in (0, 10080] (a week), got {t.dist_timeout_minutes}")
 
 
+def _check_recipe_values(cfg: RunConfig) -> None:
+    """The optimizer, data and `sample.*` values, before any work: a bad sampler would otherwise fail only when the
+    first preview is drawn (at the end of a run without sample_every), a bad learning rate inside PyTorch."""
+    t, s = cfg.train, cfg.sample
+    check_int("train.steps", t.steps, 1, 10**9, "at 1,000 steps a second that is 11 days")
+    check_int("train.batch_size", t.batch_size, 1, 65_536, "every step holds the whole batch's indices and inputs")
+    check_number("train.lr", t.lr, 0, low_open=True)
+    check_number("train.weight_decay", t.weight_decay, 0, hint="0 = none")
+    for beta in t.betas:
+        check_number("train.betas", beta, 0, 1, high_open=True, hint="AdamW's two moment decays")
+    check_number("train.grad_clip", t.grad_clip, 0, hint="0 = no clipping")
+    if t.warmup_steps > t.steps:
+        raise GenlabError(f"train.warmup_steps={t.warmup_steps} is more than train.steps={t.steps}: the learning rate "
+                          "would never reach train.lr; lower warmup_steps")
+    check_int("train.seed", t.seed, 0, 2**31 - 1, "NumPy's global seed is 32-bit and each process adds its offset")
+    if t.eval_n and not t.eval_every:
+        raise GenlabError(f"train.eval_n={t.eval_n} does nothing without train.eval_every; set train.eval_every=STEPS "
+                          "(or leave eval_n at 0)")
+    if cfg.data.max_items is not None:
+        check_int("data.max_items", cfg.data.max_items, 1)
+    check_int("sample.n", s.n, 1, MAX_SAMPLES)
+    check_int("sample.steps", s.steps, 1, MAX_SAMPLING_STEPS)
+    check_number("sample.cfg", s.cfg, 0, hint="1 = no guidance")
+    check_number("sample.eta", s.eta, 0, 1)
+    check_seed("sample.seed", s.seed)
+    sampler_options(s.sampler, eta=s.eta)  # the sampler exists and takes eta where it is not 0
+
+
 def nonfinite_stop(stats: dict[str, float], scaled: bool, skipped: int) -> tuple[str | None, int]:
     """The scalar ("loss" or "grad_norm") whose non-finite value stops the run, or None; and how many steps in a
     row have had one. Without a loss scaler the first such step stops it; fp16's scaler skips such a step and
@@ -209,6 +247,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path | None = None, resume: bool = True) -> None:
         t = cfg.train
         _check_train_config(t)
+        _check_recipe_values(cfg)
         family = MODELS.get(cfg.family)
         model_cfg = from_dict(family.config_class, cfg.model, prefix="model.")
         self.cfg = cfg
