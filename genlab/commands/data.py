@@ -6,10 +6,12 @@ import argparse
 
 import torch
 
-from genlab.config import DataConfig
+from genlab.config import MAX_IMAGE_SIZE, MAX_SAMPLES, DataConfig, check_int, check_output_path, check_seed
 from genlab.data import DATASETS, ImageDataset, load_dataset
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError
+
+N, OUT = 100, "grid.png"  # the defaults of --n and --out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,10 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="write a contact sheet of a dataset (or print a text sample)")
     show.add_argument("name", help="a built-in dataset, an image folder or a text file")
     show.add_argument("--split", default="train")
-    show.add_argument("--n", type=int, default=100, help="how many images")
+    show.add_argument("--n", type=int, default=N, help=f"how many images (1..{MAX_SAMPLES})")
     show.add_argument("--image-size", type=int, default=None)
     show.add_argument("--seed", type=int, default=0)
-    show.add_argument("--out", default="grid.png")
+    show.add_argument("--out", default=OUT)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,12 +40,19 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         return 0
+    check_int("--n", args.n, 1, MAX_SAMPLES)
+    check_seed("--seed", args.seed)
+    if args.image_size is not None:
+        check_int("--image-size", args.image_size, 4, MAX_IMAGE_SIZE)
     ds = load_dataset(DataConfig(name=args.name, split=args.split, image_size=args.image_size))
     if not isinstance(ds, ImageDataset):
+        given = [f for f, on in (("--n", args.n != N), ("--image-size", args.image_size is not None),
+                                 ("--out", args.out != OUT)) if on]
+        if given:
+            raise GenlabError(f"{', '.join(given)} apply to image datasets; {args.name} is text (its start is printed)")
         print(ds.text[:1000])
         return 0
-    if not 1 <= args.n <= 10_000:
-        raise GenlabError(f"--n {args.n} is out of range; use 1..10000")
+    check_output_path(args.out, "--out")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(ds), generator=g)[: args.n]
     batch = ds.get_batch(idx)

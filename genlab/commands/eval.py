@@ -20,6 +20,7 @@ from genlab.commands.sample import check_family_takes, sampling_params
 from genlab.config import (
     MAX_SAMPLING_STEPS,
     MAX_TIMESTEPS,
+    DataConfig,
     check_device,
     check_int,
     check_number,
@@ -97,6 +98,7 @@ def _load_model(model_dir: Path, device: str) -> Any:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from genlab.data import load_dataset
     from genlab.eval.report import parse_metrics
     from genlab.models.base import resolve_model_dir
     from genlab.registry import SAMPLERS
@@ -122,6 +124,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = args.data or _run_data(model_dir)
     if data is None:
         raise GenlabError(f"{model_dir} has no run config.yaml naming its data; pass --data NAME")
+    load_dataset(DataConfig(name=data, split=args.split))  # an unknown dataset or split fails before sampling
     rank, world = init_from_env()  # under torchrun / accelerate launch: each process draws its shard
     try:
         return _evaluate_model(args, model_dir, data, metrics, rank)

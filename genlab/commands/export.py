@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from genlab.config import check_output_path
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a genlab GPT model folder (e.g. runs/fortunes-gpt/model)")
@@ -16,8 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from genlab.models.gpt import GPT
     from genlab.models.hf_export import export_hf
 
+    out = check_output_path(args.out or str(Path(args.model)).rstrip("/") + "-hf", "--out", folder=True)
     model = GPT.from_pretrained(args.model)
-    out = Path(args.out) if args.out else Path(str(Path(args.model)).rstrip("/") + "-hf")
     export_hf(model, out)
     print(f"wrote {out} (LlamaForCausalLM + PreTrainedTokenizerFast with a chat template)")
     return 0

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import torch
 
+from genlab.config import MAX_SAMPLES, check_int
 from genlab.errors import GenlabError
+
+GAMMA = 4  # tokens drafted per speculative step by default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,10 +36,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--logprobs", action="store_true", help="print each token's log-probability")
     p.add_argument("--int8", action="store_true", help="int8 linear layers (CPU inference)")
     p.add_argument("--draft", default=None, help="a smaller model folder for speculative decoding")
-    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per speculative step")
+    p.add_argument("--gamma", type=int, default=None, help=f"tokens drafted per speculative step (default {GAMMA})")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: one token at a time is latency-bound, and extra threads "
                         "stall when the cores are shared; more help large batches)")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every option on its own and against the others, before a model is loaded."""
+    check_int("--n", args.n, 1, MAX_SAMPLES)
+    check_int("--threads", args.threads, 0)
+    if args.gamma is not None and not args.draft:
+        raise GenlabError("--gamma sets the tokens drafted per speculative step: it needs --draft")
+    if args.draft:
+        check_int("--gamma", GAMMA if args.gamma is None else args.gamma, 1, 64)
+        for flag, given in (("--num-beams", args.num_beams > 1), ("--stream", args.stream),
+                            ("--logprobs", args.logprobs)):
+            if given:
+                raise GenlabError(f"{flag} does not work with --draft (speculative decoding); drop one of them")
+    if args.length_penalty != 1.0 and args.num_beams <= 1:
+        raise GenlabError("--length-penalty scores finished beams: it does nothing without --num-beams > 1")
+    filters = [f for f, on in (("--top-k", args.top_k), ("--top-p", args.top_p != 1.0), ("--min-p", args.min_p)) if on]
+    if args.temperature == 0 and filters:
+        raise GenlabError(f"{', '.join(filters)} filter what is sampled; with --temperature 0 (greedy) they do nothing")
+    if args.stream and (len(args.prompt) > 1 or args.n > 1 or args.num_beams > 1):
+        raise GenlabError("--stream works with one prompt, --n 1 and no beam search")
+    if args.stream and args.logprobs:
+        raise GenlabError("--logprobs prints after the text; it does nothing with --stream")
+
+
+def _check_memory(model, rows: int, length: int) -> None:
+    """Refuse a KV cache (rows x tokens x layers x keys and values) larger than this machine's memory."""
+    item = model.tok_emb.weight.element_size()
+    need = rows * length * model.config.n_layer * 2 * model.n_kv_head * model.head_dim * item
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise GenlabError(f"the KV cache for {rows} sequences of {length} tokens would take {need / 2**30:.1f} GiB, "
+                          f"more than this machine's {have / 2**30:.1f} GiB; lower --max-new-tokens, --n or "
+                          "--num-beams")
 
 
 def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
@@ -57,22 +95,23 @@ def _load(path: str, int8: bool):
 def run(args: argparse.Namespace) -> int:
     from genlab.sampling.text import GenerationConfig, cut_at_stop, generate, stream
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.n < 1:
-        raise GenlabError(f"--n {args.n} must be at least 1")
     args.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]
-    model = _load(args.model, args.int8)
-    tok = model.tokenizer
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, num_beams=args.num_beams, length_penalty=args.length_penalty,
         stop=args.stop, seed=args.seed,
     )
-    cfg.check()
+    cfg.check(flags=True)
+    _check_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _load(args.model, args.int8)
+    tok = model.tokenizer
     texts = args.prompt or [""]
     prompts = [_prompt_ids(tok, t, args.chat) for t in texts for _ in range(args.n)]
+    _check_memory(model, cfg.num_beams if cfg.num_beams > 1 else len(prompts),
+                  max(map(len, prompts)) + cfg.max_new_tokens)
     labels = ["" if args.chat else t for t in texts for _ in range(args.n)]  # chat: print the reply only
     t0 = time.perf_counter()
     if args.draft:
@@ -82,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
         g = torch.Generator().manual_seed(args.seed)
         total = 0
         for label, ids in zip(labels, prompts):
-            out = speculative_generate(model, draft, ids, cfg, gamma=args.gamma, generator=g)
+            out = speculative_generate(model, draft, ids, cfg, gamma=GAMMA if args.gamma is None else args.gamma,
+                                       generator=g)
             total += len(out.tokens)
             print(label + cut_at_stop(tok.decode(out.tokens), args.stop)[0])
             print(f"[speculative: {out.accepted}/{out.drafted} drafted tokens accepted "
@@ -90,8 +130,6 @@ def run(args: argparse.Namespace) -> int:
         _report(total, t0)
         return 0
     if args.stream:
-        if len(prompts) != 1 or cfg.num_beams > 1:
-            raise GenlabError("--stream works with one prompt, --n 1 and no beam search")
         sys.stdout.write(labels[0])
         ids: list[int] = []
         shown = 0
