@@ -328,10 +328,12 @@ def check_seed(what: str, seed: int, count: int = 1) -> int:
                      "and item i uses seed + i")
 
 
-def check_output_path(path: str | Path, what: str, folder: bool = False) -> Path:
+def check_output_path(path: str | Path, what: str, folder: bool = False, suffix: str | None = None) -> Path:
     """Refuse, before any work, an output that cannot be written: an existing folder where a file is written, an
-    existing file where a folder is made, or a place under a file or not writable."""
+    existing file where a folder is made, a place under a file or not writable, or a file not ending in `suffix`."""
     p = Path(path).expanduser()
+    if suffix is not None and p.suffix.lower() != suffix:
+        raise GenlabError(f"{what} {p} must name a {suffix} file")
     if folder and p.exists() and not p.is_dir():
         raise GenlabError(f"{what} {p} is a file, not a folder; give a folder name")
     if not folder and p.is_dir():

@@ -208,8 +208,8 @@ def test_trainer_logs_kid_on_generated_samples_and_plots_it(tiny_fnet, tmp_path)
 
     sets = ["family=diffusion", "data.max_items=32", "model.base_channels=8", "model.channel_mults=[1,2]",
             "model.num_res_blocks=1", "model.attention_resolutions=[]", "model.norm_groups=4", "model.head_channels=8",
-            "train.steps=4", "train.batch_size=8", "train.eval_every=2", "train.eval_n=8", "sample.steps=2",
-            "sample.n=4", f"out_dir={tmp_path}", "name=kid"]
+            "train.steps=4", "train.warmup_steps=1", "train.batch_size=8", "train.eval_every=2", "train.eval_n=8",
+            "sample.steps=2", "sample.n=4", f"out_dir={tmp_path}", "name=kid"]
     run = train(load_run_config(None, sets))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "kid" in r]

@@ -289,6 +289,7 @@ CORPUS: list[tuple[str, str, str]] = [
     ("data-seed", "data show mnist --seed -1 --out {w}/g.png", "--seed"),
     ("data-out-is-folder", "data show mnist --out {w}/adir", "--out"),
     ("data-out-under-file", "data show mnist --out {w}/file.txt/g.png", "--out"),
+    ("data-out-not-png", "data show mnist --out {w}/g.jpg", "--out"),
     ("data-text-n", "data show fortunes --n 5", "--n"),
     # -- genlab eval ---------------------------------------------------------------------------------------
     ("eval-n-0", "eval {w}/diff --data mnist --n 0 --out {w}/ev", "--n"),

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             raise GenlabError(f"{', '.join(given)} apply to image datasets; {args.name} is text (its start is printed)")
         print(ds.text[:1000])
         return 0
-    check_output_path(args.out, "--out")
+    check_output_path(args.out, "--out", suffix=".png")
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(ds), generator=g)[: args.n]
     batch = ds.get_batch(idx)
