@@ -70,7 +70,7 @@ def workspace(tmp_path_factory) -> Path:
     _folder_with_config(w, "cfg_list", diff, [diff_meta])
     _folder_with_config(w, "cfg_int", diff, {**diff_meta, "config": 3})
     _folder_with_config(w, "cfg_nofamily", diff, {"config": diff_meta["config"]})
-    _folder_with_config(w, "cfg_unknown_family", diff, {**diff_meta, "family": "gan"})
+    _folder_with_config(w, "cfg_unknown_family", diff, {**diff_meta, "family": "hopfield"})
     _folder_with_config(w, "cfg_wide", diff, {**diff_meta, "config": {**diff_meta["config"], "base_channels": 16}})
     _folder_with_config(w, "cfg_huge_image", diff, {**diff_meta, "config": {**diff_meta["config"],
                                                                             "image_size": 10**6}})
@@ -173,7 +173,7 @@ CORPUS: list[tuple[str, str, str]] = [
     ("model-config-list", "sample {w}/cfg_list", "config.json"),
     ("model-config-int", "sample {w}/cfg_int", "config"),
     ("model-config-no-family", "sample {w}/cfg_nofamily", "family"),
-    ("model-unknown-family", "sample {w}/cfg_unknown_family", "gan"),
+    ("model-unknown-family", "sample {w}/cfg_unknown_family", "hopfield"),
     ("model-weights-misfit", "sample {w}/cfg_wide", "model.safetensors"),
     ("model-huge-image", "sample {w}/cfg_huge_image", "image_size"),
     ("model-huge-timesteps", "sample {w}/cfg_huge_steps", "timesteps"),
@@ -222,7 +222,7 @@ CORPUS: list[tuple[str, str, str]] = [
     ("recipe-unknown-sampler", "train {w}/bad_sampler.yaml --run-dir {w}/run", "eulr"),
     ("recipe-unknown-key", "train {w}/tiny.yaml --run-dir {w}/run --set train.lrr=1e-3", "train.lr"),
     ("recipe-set-form", "train {w}/tiny.yaml --run-dir {w}/run --set train.lr", "--set"),
-    ("recipe-unknown-family", "train {w}/tiny.yaml --run-dir {w}/run --set family=gan", "gan"),
+    ("recipe-unknown-family", "train {w}/tiny.yaml --run-dir {w}/run --set family=hopfield", "hopfield"),
     ("recipe-unknown-dataset", "train {w}/tiny.yaml --run-dir {w}/run --set data.name=mnsit", "mnist"),
     ("recipe-lr-negative", "train {w}/tiny.yaml --run-dir {w}/run --set train.lr=-1e-3", "train.lr"),
     ("recipe-lr-nan", "train {w}/tiny.yaml --run-dir {w}/run --set train.lr=.nan", "train.lr"),
