@@ -28,10 +28,14 @@ TINY_UNET = dict(base_channels=8, channel_mults=(1, 2), num_res_blocks=1, attent
 
 
 def test_shards_cover_the_items_once_in_order():
-    for n, world in [(10, 2), (7, 3), (5, 5), (1000, 8)]:
-        parts = [shard(n, r, world) for r in range(world)]
+    for n, world, batch in [(10, 2, 1), (7, 3, 1), (5, 5, 1), (1000, 8, 1), (11, 2, 4), (20, 3, 8), (6, 4, 250)]:
+        parts = [shard(n, r, world, batch) for r in range(world)]
         assert [i for p in parts for i in p] == list(range(n))
-        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        starts = {i for p in parts for i in range(p.start, p.stop, batch)}
+        assert starts == set(range(0, n, batch))  # whole batches: the ones one process would draw
+        counts = [len(range(p.start, p.stop, batch)) for p in parts]
+        assert max(counts) - min(counts) <= 1  # batches spread evenly
+        assert parts[0].start == 0 and len(parts[0]) >= min(n, batch)  # rank 0 holds the first batch
     x = torch.arange(6.0).view(3, 2)
     assert gather_shards(x, 3) is x  # one process: nothing to gather
 
@@ -82,10 +86,11 @@ def _pixels(path: Path) -> np.ndarray:
 @pytest.mark.slow
 def test_two_processes_sample_the_same_images_as_one(setup):
     root, model = setup
-    args = ["sample", str(model), "--n", "11", "--steps", "3", "--sampler", "euler_ancestral", "--seed", "4"]
+    args = ["sample", str(model), "--n", "11", "--steps", "3", "--sampler", "euler_ancestral", "--seed", "4",
+            "--batch", "4"]
     assert "| 11/11 " in _run(root, 1, 0, *args, "--out", str(root / "one.png"), "--out-dir", str(root / "one"))
     err = _run(root, 2, 29581, *args, "--out", str(root / "two.png"), "--out-dir", str(root / "two"))
-    assert "| 5/5 " in err and "| 11/11 " not in err  # rank 0's bar: its shard of 5 (rank 1 draws the other 6)
+    assert "| 8/8 " in err and "| 11/11 " not in err  # rank 0's bar: its two batches (rank 1 draws the last 3)
     assert np.array_equal(_pixels(root / "one.png"), _pixels(root / "two.png"))
     one, two = sorted((root / "one").glob("*.png")), sorted((root / "two").glob("*.png"))
     assert [f.name for f in one] == [f.name for f in two] and len(one) == 11  # written once, by rank 0
@@ -96,7 +101,7 @@ def test_two_processes_sample_the_same_images_as_one(setup):
 def test_two_processes_give_the_same_fid_and_grid_as_one(setup):
     root, model = setup
     args = ["eval", str(model), "--data", "mnist", "--metrics", "fid,kid", "--n", "20", "--steps", "2",
-            "--kid-subsets", "3"]
+            "--kid-subsets", "3", "--batch", "8"]
     _run(root, 1, 0, *args, "--out", str(root / "ev1"))
     _run(root, 2, 29582, *args, "--out", str(root / "ev2"))
     r1, r2 = (json.loads((root / d / "eval.json").read_text()) for d in ("ev1", "ev2"))

@@ -71,15 +71,12 @@ def sample_images(sample: Callable[..., Tensor], n: int, seed: int, batch_size: 
     """Draw `n` images with `sample(count, cond=..., generator=..., **opts)`: with `per_item_seeds` image i uses its
     own generator seeded `seed + i` (families that take a list of generators), else batch b one seeded `seed + b`.
 
-    Under several processes (torchrun, accelerate launch) each draws its shard of the n seeds and every process
-    returns all n images, the same as one process draws."""
+    Under several processes (torchrun, accelerate launch) each draws its shard of the batches and every process
+    returns all n images, the same as one process draws (so use a `batch_size` that gives every process work)."""
     from tqdm.auto import tqdm
 
     rank, world = process_group()
-    if world > 1 and not per_item_seeds:
-        raise GenlabError("this family draws a batch from one generator, so a split over processes would change "
-                          "the images; run it in one process")
-    items = shard(n, rank, world)
+    items = shard(n, rank, world, batch_size)
     out = []
     bar = tqdm(total=len(items), desc="sampling", unit="img", disable=not progress or rank != 0)
     for start in range(items.start, items.stop, batch_size):
@@ -92,7 +89,7 @@ def sample_images(sample: Callable[..., Tensor], n: int, seed: int, batch_size: 
         out.append(sample(count, cond=c, generator=gen, **opts).cpu())
         bar.update(count)
     bar.close()
-    return gather_shards(torch.cat(out), n)
+    return gather_shards(torch.cat(out) if out else None, n, batch_size)
 
 
 def family_sample_options(model: Any, sampler: str | None = None, steps: int | None = None,

@@ -1,18 +1,18 @@
 """Drawing one set of samples across processes (torchrun, accelerate launch): each process draws its shard of the
-items and every process gets them all back, so the split changes no item and rank 0 alone writes and measures.
+items (whole batches) and every process gets them all back, so rank 0 alone writes and measures.
 
-Item i is drawn from its own seed whatever the process, so n items over N processes equal n items in one.
+Item i is drawn from its own seed in the same batch whatever the process, so n items over N processes equal, bit
+for bit, n items in one.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-from genlab.errors import GenlabError
 
 
 def process_group() -> tuple[int, int]:
@@ -47,23 +47,31 @@ def end() -> None:
         dist.destroy_process_group()
 
 
-def shard(n: int, rank: int, world: int) -> range:
-    """Process `rank`'s items of `n`: the contiguous range [n * rank // world, n * (rank + 1) // world)."""
-    if n < world:
-        raise GenlabError(f"{n} items over {world} processes: draw at least one item per process")
-    return range(n * rank // world, n * (rank + 1) // world)
+def shard(n: int, rank: int, world: int, batch: int = 1) -> range:
+    """Process `rank`'s items of `n`, in whole batches of `batch` (the last may be shorter): the contiguous batches
+    [ceil(B * rank / world), ceil(B * (rank + 1) / world)) of the B batches, so rank 0 always has the first. Every
+    batch is then the batch one process would draw, so the split changes no bit of any item (kernels may round
+    differently at another batch size). A process may get no items when there are fewer batches than processes."""
+    batches = -(-n // batch)
+    first, last = -(-batches * rank // world), -(-batches * (rank + 1) // world)
+    return range(min(first * batch, n), min(last * batch, n))
 
 
-def gather_shards(x: Tensor, n: int) -> Tensor:
-    """Every process's shard `x` of `n` items ((len(shard), ...) tensors in rank order), concatenated on every
-    process. Shards are padded to the largest one, so all_gather moves tensors of one fixed size."""
+def gather_shards(x: Tensor | None, n: int, batch: int = 1) -> Tensor:
+    """Every process's shard `x` of `n` items (`shard(n, rank, world, batch)`; None for an empty one), concatenated
+    in rank order on every process. Shards are padded to the largest one, so all_gather moves tensors of one fixed
+    size; the item shape and dtype come from rank 0, which always holds the first batch."""
     rank, world = process_group()
-    if world == 1:
+    if world == 1 and x is not None:
         return x
-    size = -(-n // world)
+    sizes = [len(shard(n, r, world, batch)) for r in range(world)]
+    meta: list[Any] = [None] * world
+    dist.all_gather_object(meta, (tuple(x.shape[1:]), x.dtype) if x is not None else None)
+    item_shape, dtype = meta[0]
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    padded = x.new_zeros((size, *x.shape[1:]), device=device)
-    padded[: len(x)] = x.to(device)
+    padded = torch.zeros((max(sizes), *item_shape), dtype=dtype, device=device)
+    if x is not None:
+        padded[: len(x)] = x.to(device)
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
-    return torch.cat([p[: len(shard(n, r, world))].cpu() for r, p in enumerate(parts)])
+    return torch.cat([p[:size].cpu() for p, size in zip(parts, sizes)])
