@@ -134,6 +134,7 @@ CORPUS: list[tuple[str, str, str]] = [
     ("sample-opt-order", "sample {w}/diff --sampler lms --opt order=0", "order"),
     ("sample-opt-unknown", "sample {w}/diff --sampler euler --opt order=2", "order"),
     ("sample-opt-form", "sample {w}/diff --opt s_churn", "--opt"),
+    ("sample-eta-twice", "sample {w}/diff --sampler ddim --eta 0.5 --opt eta=0.5", "give it once"),
     # -- genlab sample: names ------------------------------------------------------------------------------
     ("sample-sampler", "sample {w}/diff --sampler eulr", "euler"),
     ("sample-schedule", "sample {w}/diff --schedule karas", "karras"),
