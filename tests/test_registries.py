@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from genlab.errors import GenlabError
-from genlab.registry import BACKBONES, DATASETS, MODELS, SAMPLERS, Registry
+from genlab.registry import Registry
 
 TINY_DIT = ["model.backbone=dit", "model.patch_size=8", "model.hidden_size=16", "model.depth=1",
             "model.num_heads=2", "data.name=noto", "data.max_items=8", "train.steps=1", "train.warmup_steps=0",
@@ -70,15 +70,23 @@ def test_data_show_of_a_non_default_dataset(tmp_path):
     assert (tmp_path / "g.png").is_file()
 
 
-def test_a_fresh_interpreter_lists_every_name():
-    code = ("from genlab.registry import BACKBONES, DATASETS, MODELS, SAMPLERS; "
+def _names_in_fresh_interpreter(preamble: str = "") -> tuple[set[str], ...]:
+    code = (f"{preamble}from genlab.registry import BACKBONES, DATASETS, MODELS, SAMPLERS; "
             "print(*[','.join(sorted(r)) for r in (MODELS, BACKBONES, DATASETS, SAMPLERS)], sep='|')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    models, backbones, datasets, samplers = (set(x.split(",")) for x in r.stdout.strip().split("|"))
+    return tuple(set(x.split(",")) for x in r.stdout.strip().split("|"))
+
+
+def test_a_fresh_interpreter_lists_every_name():
+    models, backbones, datasets, samplers = _names_in_fresh_interpreter()
     assert {"diffusion", "autoencoder_kl", "gpt"} <= models and {"unet", "dit"} <= backbones
     assert {"mnist", "twemoji", "noto", "fortunes", "jargon"} <= datasets
     assert {"ddim", "ddpm", "euler", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"} <= samplers
-    assert (models, backbones, datasets, samplers) == tuple(set(r) for r in (MODELS, BACKBONES, DATASETS, SAMPLERS))
+    # the same as an interpreter that imported every registering module itself before listing
+    every = _names_in_fresh_interpreter("import importlib; from genlab import registry as g; "
+                                        "[importlib.import_module(m) for r in (g.MODELS, g.BACKBONES, g.DATASETS, "
+                                        "g.SAMPLERS) for m in r.modules]; ")
+    assert (models, backbones, datasets, samplers) == every
 
 
 def test_a_lookup_imports_only_until_the_name_appears(tmp_path, monkeypatch):

@@ -31,6 +31,20 @@ def from_uint8(a: np.ndarray) -> Tensor:
     return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+DELTA = 2.0 / 255.0  # width of one 8-bit level in [-1, 1]
+
+
+def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """x + u, u ~ U(-DELTA/2, DELTA/2): a point in the bin of each 8-bit level (Theis et al. 2016, sec. 3.1)."""
+    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+    return x + (u - 0.5) * DELTA
+
+
+def bits_per_dim(nll_nats: Tensor, dims: int) -> Tensor:
+    """nats per item -> bits per dimension."""
+    return nll_nats / (dims * math.log(2.0))
+
+
 def make_grid(x: Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """Tile (N, C, H, W) images into one (H', W', C) uint8 array, `nrow` images per row."""
     imgs = to_uint8(x)

@@ -20,26 +20,15 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from genlab.data.images import DELTA, bits_per_dim, dequantize
 from genlab.errors import GenlabError
 from genlab.models.base import Likelihood
 
-DELTA = 2.0 / 255.0  # width of one 8-bit level in [-1, 1]
 Denoise = Callable[[Tensor, Tensor, Any], Tensor]
 
 
 def _flat_sum(x: Tensor) -> Tensor:
     return x.flatten(1).sum(1)
-
-
-def bits_per_dim(nll_nats: Tensor, dims: int) -> Tensor:
-    """nats per item -> bits per dimension."""
-    return nll_nats / (dims * math.log(2.0))
-
-
-def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """x + u, u ~ U(-DELTA/2, DELTA/2): a point in the bin of each 8-bit level (Theis et al. 2016, sec. 3.1)."""
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-    return x + (u - 0.5) * DELTA
 
 
 def dequantized_nll(log_likelihood: Callable[[Tensor], Tensor], x: Tensor,
@@ -202,7 +191,9 @@ def nll_bits_per_dim(model: Any, x: Tensor, cond: Any = None, method: str | None
                      ) -> Tensor:
     """Bits/dim of 8-bit images x in [-1, 1] under a model, per image: with one of the estimators the family declares
     (`likelihood_estimators`), the diffusion bound (`method="vlb"`, the default there) or ODE likelihood (`"ode"`,
-    dequantized); for a family that declares none, its own `log_likelihood` on dequantized pixels."""
+    dequantized), or one of the family's own (`model.log_likelihood(x, cond, estimator=method)`, e.g. an
+    importance-weighted bound); for a family that declares none, its own `log_likelihood`; the last two on
+    dequantized pixels."""
     if model.likelihood is Likelihood.NONE:
         raise GenlabError(f"this {model.family} model has no likelihood (nor a bound on it) to measure")
     estimators = model.likelihood_estimators
@@ -210,6 +201,7 @@ def nll_bits_per_dim(model: Any, x: Tensor, cond: Any = None, method: str | None
     if method is not None:
         _check_estimator(model, method)
     dims, out = x[0].numel(), []
+    own = {"estimator": method} if method is not None else {}
     bar = tqdm(total=len(x), desc=f"likelihood ({method or 'log_likelihood'})", unit="img", disable=not progress)
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size]
@@ -218,9 +210,9 @@ def nll_bits_per_dim(model: Any, x: Tensor, cond: Any = None, method: str | None
             nll = diffusion_vlb(model, xb, cb, t_samples=t_samples, generator=generator)
         elif method == "ode":
             nll = dequantized_nll(lambda z, c=cb: diffusion_ode_log_likelihood(model, z, c, generator), xb, generator)
-        else:
+        else:  # the family's log_likelihood; an estimator of its own (not vlb or ode) is passed by name
             with torch.no_grad():
-                nll = dequantized_nll(lambda z, c=cb: model.log_likelihood(z, c), xb, generator)
+                nll = dequantized_nll(lambda z, c=cb: model.log_likelihood(z, c, **own), xb, generator)
         out.append(bits_per_dim(nll, dims).cpu())
         bar.update(len(xb))
     bar.close()

@@ -55,6 +55,7 @@ class SampleOption(str, Enum):
     STEPS = "steps"
     GUIDANCE = "guidance"  # a `genlab.sampling.controls.Guidance`
     START = "start"  # a `genlab.sampling.controls.Start`: img2img and inpainting
+    TEMPERATURE = "temperature"  # a float scaling the prior's standard deviation (1 = the model's own density)
 
 
 @dataclass
@@ -81,7 +82,9 @@ class GenerativeModel(nn.Module):
     conditioning: ClassVar[frozenset[Conditioning]] = frozenset({Conditioning.NONE})
     output: ClassVar[Output] = Output.IMAGE
     likelihood: ClassVar[Likelihood] = Likelihood.NONE
-    likelihood_estimators: ClassVar[tuple[str, ...]] = ()  # estimators of genlab.eval.likelihood; (): log_likelihood
+    # estimators of genlab.eval.likelihood (vlb, ode), or the family's own, computed by log_likelihood(x, cond,
+    # estimator=name); the first is the default; (): log_likelihood(x, cond)
+    likelihood_estimators: ClassVar[tuple[str, ...]] = ()
     sample_options: ClassVar[frozenset[SampleOption]] = frozenset()
     per_item_seeds: ClassVar[bool] = False  # sample(generator=[g_0, ..., g_n-1]): item i depends on g_i alone
 
@@ -192,6 +195,21 @@ def with_image_shape(config: Any, dataset: Any, family: str) -> Any:
             raise GenlabError(f"model.{key}={ours} but dataset {info.name!r} has {theirs}; drop the key "
                               f"or set data.image_size")
     return dataclasses.replace(config, image_size=info.image_size, channels=info.channels)
+
+
+def class_labels(n: int, label: Any, num_classes: int) -> Tensor:
+    """`n` class labels as a (n,) long tensor from None (classes cycled in blocks: one grid row per class), one
+    label for all, or one per item (int, list or tensor), each checked against 0..num_classes - 1."""
+    if label is None:
+        return torch.arange(n) // -(-n // num_classes)
+    labels = torch.as_tensor(label, dtype=torch.long).reshape(-1)
+    if labels.numel() == 1:
+        labels = labels.expand(n)
+    if labels.numel() != n:
+        raise GenlabError(f"{labels.numel()} labels for {n} samples; give one label or one per sample")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise GenlabError(f"label out of range: this model has classes 0..{num_classes - 1}")
+    return labels.clone()
 
 
 def read_model_meta(directory: str | Path) -> tuple[Path, dict[str, Any]]:
