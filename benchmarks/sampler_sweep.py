@@ -143,7 +143,7 @@ def main() -> None:
         if args.quick:
             grid = [(s, k) for s, k in grid if k <= 20] + [("ddpm", max(steps))]
         fnet = get_feature_network("mnist")
-        ref = reference_features(fnet, "mnist", "test")
+        ref = reference_features(fnet, "mnist", "test", image_size=model.image_shape[-1])
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         cells = []

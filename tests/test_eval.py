@@ -216,3 +216,26 @@ def test_trainer_logs_kid_on_generated_samples_and_plots_it(tiny_fnet, tmp_path)
     assert [r["step"] for r in evals] == [2, 4]
     assert all(np.isfinite(r["kid"]) and r["kid_se"] >= 0 and r["n_fake"] == 8 for r in evals)
     assert (run / "samples" / "eval_metrics.png").is_file()
+
+
+def test_training_evaluator_uses_the_datasets_own_network_at_the_runs_image_size(_trained_tiny_fnet, tmp_path,
+                                                                                 monkeypatch):
+    """During training, as in `genlab eval`, a run at another image size is measured in the dataset's own network
+    (asked for by name), with the real split loaded at the run's size."""
+    from genlab.config import DataConfig
+
+    asked = []
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(R, "get_feature_network", lambda data, **k: asked.append(data) or _trained_tiny_fnet)
+
+    class Noise16(GenerativeModel):
+        family = "noise16"
+
+        def sample(self, n, cond=None, generator=None, **opts):
+            return torch.rand(n, 1, 16, 16, generator=generator) * 2 - 1
+
+    evaluate = R.make_training_evaluator(DataConfig(name="mnist", image_size=16), n=8)
+    r = evaluate(Noise16(None), 1)
+    assert asked == ["mnist"] and r["n_fake"] == 8
+    ref = list((tmp_path / "cache" / "reference").glob("*.safetensors"))
+    assert len(ref) == 1

@@ -118,7 +118,8 @@ def make_training_evaluator(data: DataConfig | str, n: int = 500, split: str = "
     must call `fn`: each draws its shard of the samples, and rank 0 alone measures (the others get {}).
     """
     main = process_group()[0] == 0
-    fnet = get_feature_network(data, progress=True) if main else None
+    # the dataset's own network, as `genlab eval` uses, with the real split at the run's image size
+    fnet = get_feature_network(data if isinstance(data, str) else data.name, progress=True) if main else None
     ref = reference_features(fnet, data, split) if main else None
     subset = min(n, ref.n, 1000) if main else 0
 
