@@ -52,8 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--nll-n", type=int, default=256, help="test images (or text blocks) for nll")
-    p.add_argument("--nll-method", default=None, help="diffusion: vlb (variational bound, default) or ode "
-                   "(PF-ODE); families with one estimate use their log_likelihood")
+    p.add_argument("--nll-method", default=None, help="an estimator the family declares (default its first): "
+                   "diffusion vlb (variational bound) or ode (PF-ODE); vae iwae (importance-weighted bound) or elbo; "
+                   "families with one estimate use their log_likelihood")
     p.add_argument("--nll-t-samples", type=int, default=50, help="timesteps per image for the vlb estimate")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval or eval-<model>)")
     p.add_argument("--retrain", action="store_true", help="features: retrain even when cached")
