@@ -252,11 +252,7 @@ class DiffusionModel(GenerativeModel):
             t = torch.randint(0, cfg.timesteps, (B,), device=x0.device)
             sigma = self.sigmas[t]
         eps = torch.randn_like(x0)
-        y = None
-        if self.num_classes:
-            y = batch["label"].to(x0.device)
-            y = torch.where(y < 0, self.num_classes, y)  # unlabeled items train the null class
-            y = self.net.label_embed.drop(y, self.config.cond_drop if self.training else 0.0)
+        y = self.training_labels(batch, x0.device)
         if self.edm:
             per_item = ((self.denoise(x0 + sigma.view(B, 1, 1, 1) * eps, sigma, y) - x0) ** 2).flatten(1).mean(1)
             return {"loss": (edm_loss_weight(sigma, cfg.sigma_data) * per_item).mean()}
@@ -267,6 +263,15 @@ class DiffusionModel(GenerativeModel):
             return {"loss": F.mse_loss(self.net(x_t, t, y), target)}
         per_item = ((self.net(x_t, t, y) - target) ** 2).flatten(1).mean(1)
         return {"loss": (min_snr_weight(sigma, cfg.min_snr_gamma, cfg.prediction) * per_item).mean()}
+
+    def training_labels(self, batch: dict[str, Any], device: torch.device) -> Tensor | None:
+        """The batch's labels for the backbone (None when unconditional): unlabeled items (-1) train the null
+        class, and `cond_drop` of them become the null class in training, for classifier-free guidance."""
+        if not self.num_classes:
+            return None
+        y = batch["label"].to(device)
+        y = torch.where(y < 0, self.num_classes, y)
+        return self.net.label_embed.drop(y, self.config.cond_drop if self.training else 0.0)
 
     # -- sampling -----------------------------------------------------------------------
     def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, quantize: bool = True) -> Tensor:

@@ -16,6 +16,7 @@ from genlab.errors import GenlabError
 
 PREDICTIONS = ("eps", "v", "x0")
 PRECONDITIONINGS = ("vp", "edm")
+FLOW_T_SAMPLINGS = ("uniform", "logit_normal")
 
 
 def _view(sigma: Tensor, like: Tensor) -> Tensor:
@@ -87,3 +88,24 @@ def edm_training_sigmas(n: int, P_mean: float, P_std: float, device: torch.devic
                         generator: torch.Generator | None = None) -> Tensor:
     """ln(sigma) ~ N(P_mean, P_std^2), the log-normal noise levels of EDM training (Karras et al. 2022, table 1)."""
     return (P_mean + P_std * torch.randn(n, device=device, generator=generator)).exp()
+
+
+def flow_scalings(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_skip, c_out, c_in, t) of a velocity network on the linear interpolant x_t = (1 - t) x0 + t eps
+    (Lipman et al. 2022, eq. 22 with sigma_min = 0; Liu et al. 2022, eq. 1): dividing by 1 - t gives the
+    variance-exploding x = x0 + sigma eps with sigma = t / (1 - t), so t = sigma / (1 + sigma), x_t = x / (1 + sigma)
+    and, as x0 = x_t - t (eps - x0), D = x_t - t v: c_skip = c_in = 1 / (1 + sigma), c_out = -t."""
+    c_in = 1 / (1 + sigma)
+    t = sigma * c_in
+    return c_in, -t, c_in, t
+
+
+def flow_training_times(n: int, sampling: str, mean: float = 0.0, std: float = 1.0,
+                        device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> Tensor:
+    """Training times t in (0, 1): uniform (Liu et al. 2022) or logit-normal, t = sigmoid(m + s u) with
+    u ~ N(0, 1) (Esser et al. 2024, sec. 3.1, eq. 19)."""
+    if sampling == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    if sampling == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(n, device=device, generator=generator))
+    raise GenlabError(f"unknown t_sampling {sampling!r}; choose one of: {', '.join(FLOW_T_SAMPLINGS)}")

@@ -148,3 +148,24 @@ def get_sigmas(schedule: str, sigmas_train: Tensor, steps: int, rho: float = 7.0
     else:
         raise GenlabError(f"unknown sigma schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     return sigmas.to(sigmas_train.device, sigmas_train.dtype)
+
+
+FLOW_SIGMA_MAX = 2.0**24  # a flow's t = 1 (pure noise) in the VE view: t = sigma / (1 + sigma) rounds to 1 in float32
+
+
+def time_shift(t: Tensor, shift: float) -> Tensor:
+    """t' = shift t / (1 + (shift - 1) t), which moves steps toward t = 1 for shift > 1 (Esser et al. 2024,
+    sec. 5.3.2, eq. 23 with shift = sqrt(m / n))."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_sigmas(steps: int, timesteps: int, shift: float = 1.0) -> Tensor:
+    """The sigmas (ending in 0) of diffusers' FlowMatchEulerDiscreteScheduler as a VE schedule: t evenly spaced
+    from 1 to shift(1 / T), shifted (so its last step is shifted twice, as diffusers does), sigma = t / (1 - t)
+    with t = 1 at FLOW_SIGMA_MAX."""
+    if steps < 1:
+        raise GenlabError(f"steps={steps} must be at least 1")
+    t_min = time_shift(torch.tensor(1 / timesteps, dtype=torch.float64), shift)
+    t = time_shift(torch.linspace(1.0, float(t_min), steps, dtype=torch.float64), shift)
+    sigmas = (t / (1 - t)).clamp(max=FLOW_SIGMA_MAX)
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])

@@ -161,7 +161,8 @@ def sample_euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Any = None
         denoised = denoiser(x, sigma_hat * s_in, cond)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_hat": sigma_hat, "denoised": denoised})
-        x = x + to_d(x, sigma_hat, denoised) * (sigmas[i + 1] - sigma_hat)
+        # x + d (sigma_next - sigma_hat) written as x0_hat + d sigma_next: no cancellation when sigma_hat is huge
+        x = denoised + to_d(x, sigma_hat, denoised) * sigmas[i + 1]
     return x
 
 
