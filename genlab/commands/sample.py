@@ -2,7 +2,7 @@
 
 Any sampler of `--list-samplers` with its options (`--opt s_churn=1`), a `--schedule`, a `--negative-label`,
 `--guidance-rescale`, img2img (`--init-image x.png --strength 0.6`) and inpainting (`--init-image x.png
---mask m.png`, white = generate; `--repaint-jumps 10` resamples as RePaint).
+--mask m.png`, white = generate; `--repaint-jumps 10` resamples as RePaint), a `--temperature` of the prior.
 
 Any image family: the options a family does not declare it takes (`GenerativeModel.sample_options`,
 `conditioning`) are refused with the list of those it does, e.g. a KL autoencoder decodes prior draws and takes
@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (1 = none; default 3)")
     p.add_argument("--eta", type=float, default=None,
                    help="noise of ddim (default 0 = deterministic) and the ancestral / SDE samplers (default 1)")
+    p.add_argument("--temperature", type=float, default=None, help="scale of the prior's standard deviation "
+                   "(families that declare it; 1 = the model's own density)")
     p.add_argument("--spacing", default=None, help="timestep spacing: leading (default), trailing or linspace")
     p.add_argument("--label", type=int, default=None,
                    help="class to draw (default: cycle through the classes, one grid row per class)")
@@ -95,10 +97,15 @@ def _check_args(args: argparse.Namespace) -> None:
         check_number("--strength", args.strength, 0, 1, hint="0 keeps the image, 1 ignores it")
     if args.eta is not None:
         check_number("--eta", args.eta, 0, 1)
+    if args.temperature is not None:
+        check_number("--temperature", args.temperature, 0, 10, hint="1 = the model's own density")
     for flag, value in (("--repaint-jumps", args.repaint_jumps), ("--repaint-jump-length", args.repaint_jump_length)):
         if value is not None:
             check_int(flag, value, 1, MAX_SAMPLING_STEPS)
-    sampler_options(args.sampler or "ddim", eta=args.eta, **_parse_opts(args.opt))  # name, eta and --opt values
+    opts = _parse_opts(args.opt)
+    if args.eta is not None and "eta" in opts:
+        raise GenlabError("--eta and --opt eta=... both set eta; give it once")
+    sampler_options(args.sampler or "ddim", eta=args.eta, **opts)  # name, eta and --opt values
     if args.schedule is not None and args.schedule not in SCHEDULES:
         raise GenlabError(f"--schedule {args.schedule} is unknown; choose one of: {', '.join(SCHEDULES)}")
     if args.spacing is not None and args.spacing not in SPACINGS:
@@ -152,12 +159,13 @@ FLAGS: dict[SampleOption | Conditioning, tuple[str, ...]] = {
     SampleOption.STEPS: ("steps",),
     SampleOption.GUIDANCE: ("cfg", "negative_label", "guidance_rescale"),
     SampleOption.START: ("init_image", "strength", "mask", "repaint_jumps", "repaint_jump_length"),
+    SampleOption.TEMPERATURE: ("temperature",),
 }
 
 
 def _sample_kwargs(model: GenerativeModel, args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of `model.sample` from the options given (the family's defaults fill the rest)."""
-    kw: dict[str, Any] = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "spacing", "schedule")
+    kw: dict[str, Any] = {k: getattr(args, k) for k in ("sampler", "steps", "eta", "spacing", "schedule", "temperature")
                           if _given(args, k)}
     kw |= _parse_opts(args.opt)
     guidance = {k: getattr(args, d) for k, d in (("scale", "cfg"), ("negative", "negative_label"),
