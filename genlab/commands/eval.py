@@ -16,22 +16,17 @@ from typing import Any
 import torch
 import yaml
 
-from genlab.commands.sample import check_family_takes, sampling_params
+from genlab.commands.sample import MAX_N, check_drawing_args, check_family_takes, sampling_params
 from genlab.config import (
-    MAX_SAMPLING_STEPS,
     MAX_TIMESTEPS,
     DataConfig,
-    check_device,
     check_int,
-    check_number,
     check_output_path,
-    check_seed,
 )
 from genlab.errors import GenlabError
 from genlab.models.base import GenerativeModel, Likelihood, Output, SampleOption
 from genlab.sampling.distributed import end, init_from_env, local_device
 
-MAX_N = 10_000
 EVAL_STEPS = 20  # sampling steps when --steps is not given, for a family that takes steps
 # the options of `genlab eval` that only some families take, by the capability they need
 FLAGS = {SampleOption.SAMPLER: ("sampler",), SampleOption.STEPS: ("steps",), SampleOption.GUIDANCE: ("cfg",)}
@@ -105,14 +100,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from genlab.registry import SAMPLERS
 
     metrics = parse_metrics(args.metrics)
-    check_int("--n", args.n, 1, MAX_N)
-    check_int("--batch", args.batch, 1)
-    check_seed("--seed", args.seed, args.n)
-    check_device("--device", args.device)
-    if args.steps is not None:
-        check_int("--steps", args.steps, 1, MAX_SAMPLING_STEPS)
-    if args.cfg is not None:
-        check_number("--cfg", args.cfg, 0, hint="1 = no guidance")
+    check_drawing_args(args)
     check_int("--kid-subsets", args.kid_subsets, 1, MAX_N)
     check_int("--kid-subset-size", args.kid_subset_size, 2)
     check_int("--nll-n", args.nll_n, 1)

@@ -81,8 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Every option on its own and against the others, before the model is loaded or anything is written."""
+def check_drawing_args(args: argparse.Namespace) -> None:
+    """The options `genlab sample` and `genlab eval` share: counts, seed, device, steps and guidance."""
     check_int("--n", args.n, 1, MAX_N)
     check_int("--batch", args.batch, 1)
     check_seed("--seed", args.seed, args.n)
@@ -91,6 +91,11 @@ def _check_args(args: argparse.Namespace) -> None:
         check_int("--steps", args.steps, 1, MAX_SAMPLING_STEPS)
     if args.cfg is not None:
         check_number("--cfg", args.cfg, 0, hint="1 = no guidance")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every option on its own and against the others, before the model is loaded or anything is written."""
+    check_drawing_args(args)
     if args.guidance_rescale is not None:
         check_number("--guidance-rescale", args.guidance_rescale, 0, 1, hint="0 = off")
     if args.strength is not None:

@@ -23,6 +23,7 @@ from genlab.models.base import (
     ModelConfig,
     Output,
     SampleOption,
+    class_labels,
     resolve_model_dir,
     with_image_shape,
 )
@@ -311,23 +312,12 @@ class DiffusionModel(GenerativeModel):
         return lambda x, sigma, cond: inner(x, sigma, cond).clamp(-1.0, 1.0)
 
     def labels_for(self, n: int, cond: Any = None) -> Tensor | None:
-        """Labels as a (n,) long tensor: None/int/list/tensor; None on a class-conditional model cycles classes
-        in blocks (one grid row per class)."""
+        """Labels as a (n,) long tensor (`class_labels`); None on an unconditional model."""
         if not self.num_classes:
             if cond is not None:
                 raise GenlabError("this model is unconditional; leave out the label")
             return None
-        if cond is None:
-            per_row = -(-n // self.num_classes)
-            return torch.arange(n) // per_row
-        labels = torch.as_tensor(cond, dtype=torch.long).reshape(-1)
-        if labels.numel() == 1:
-            labels = labels.expand(n)
-        if labels.numel() != n:
-            raise GenlabError(f"{labels.numel()} labels for {n} samples; give one label or one per sample")
-        if labels.min() < 0 or labels.max() >= self.num_classes:
-            raise GenlabError(f"label out of range: this model has classes 0..{self.num_classes - 1}")
-        return labels.clone()
+        return class_labels(n, cond, self.num_classes)
 
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, generator: Generators = None, *, sampler: str = "ddim",
