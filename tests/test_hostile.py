@@ -103,6 +103,7 @@ def workspace(tmp_path_factory) -> Path:
     (w / "scalar_section.yaml").write_text(TINY_RECIPE.replace("sample: {n: 4, steps: 2}", "sample: 3"))
     (w / "bad_sampler.yaml").write_text(TINY_RECIPE.replace("sample: {n: 4, steps: 2}",
                                                             "sample: {n: 4, steps: 2, sampler: eulr}"))
+    (w / "long_preview.yaml").write_text(TINY_RECIPE.replace("sample: {n: 4, steps: 2}", "sample: {n: 4, steps: 200}"))
     assert main(["train", str(w / "tiny.yaml"), "--run-dir", str(w / "oldrun")]) == 0  # a finished run to protect
     return w
 
@@ -221,6 +222,7 @@ CORPUS: list[tuple[str, str, str]] = [
     ("recipe-broken-yaml", "train {w}/broken.yaml --run-dir {w}/run", "YAML"),
     ("recipe-scalar-section", "train {w}/scalar_section.yaml --run-dir {w}/run", "sample"),
     ("recipe-unknown-sampler", "train {w}/bad_sampler.yaml --run-dir {w}/run", "eulr"),
+    ("recipe-preview-steps", "train {w}/long_preview.yaml --run-dir {w}/run", "sample.steps=200"),
     ("recipe-unknown-key", "train {w}/tiny.yaml --run-dir {w}/run --set train.lrr=1e-3", "train.lr"),
     ("recipe-set-form", "train {w}/tiny.yaml --run-dir {w}/run --set train.lr", "--set"),
     ("recipe-unknown-family", "train {w}/tiny.yaml --run-dir {w}/run --set family=hopfield", "hopfield"),

@@ -144,6 +144,10 @@ class GenerativeModel(nn.Module):
         """Metrics on held-out data (e.g. validation loss, perplexity); default: none."""
         return {}
 
+    def check_sample_config(self, sample_cfg: Any) -> None:
+        """Refuse, before training starts, `sample.*` values of a recipe that this model cannot draw its previews
+        with (they would fail only at the first preview); default: nothing depends on the model."""
+
     # -- the model folder -------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write `config.json` + `model.safetensors` (atomically: temp file, then rename)."""

@@ -391,6 +391,13 @@ class DiffusionModel(GenerativeModel):
             m = F.adaptive_max_pool2d(m, self.config.image_size)
         return m.expand(n, -1, -1, -1)
 
+    def check_sample_config(self, sample_cfg: Any) -> None:
+        """The preview's steps must fit this model's schedule (e.g. at most model.timesteps with a spacing)."""
+        try:
+            self.sampling_sigmas(sample_cfg.steps)
+        except GenlabError as e:
+            raise GenlabError(f"sample.steps={sample_cfg.steps} does not fit this model: {e}") from None
+
     def write_preview(self, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
         """A PNG grid of samples, one row per class when the model is class-conditional."""
         n, nrow = sample_cfg.n, None

@@ -276,6 +276,7 @@ class Trainer:
         set_seed(t.seed)  # the same initial weights on every process
         dataset = load_dataset(cfg.data)
         self.model = family.build(model_cfg, dataset)
+        self.model.check_sample_config(cfg.sample)
         self.data = self.model.prepare_data(dataset)
         if len(self.data) == 0:
             raise GenlabError(f"dataset {cfg.data.name!r} has no training items")
