@@ -11,7 +11,7 @@ from genlab.config import DataConfig
 from genlab.data import load_dataset
 from genlab.errors import GenlabError
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
-from genlab.nn.dit import DiT, sincos_pos_embed_2d
+from genlab.nn.dit import Attention, DiT, sincos_pos_embed_2d
 from genlab.nn.unet import UNet
 from genlab.sampling.controls import Guidance
 
@@ -57,6 +57,21 @@ def test_unpatchify_inverts_patch_layout():
         patch = img[0, :, 3 * r : 3 * r + 3, 3 * c : 3 * c + 3]  # (C, p, p)
         tokens[0, k] = patch.permute(1, 2, 0).reshape(-1)  # (p, q, C) flattened, as the final linear lays it out
     assert torch.equal(net.unpatchify(tokens), img)
+
+
+def test_attention_matches_torch_multihead_attention():
+    """The DiT's self-attention (fused qkv, heads split from it) equals torch's nn.MultiheadAttention given the
+    same weights: a head split or merge in the wrong order would mix tokens wrongly and fail this."""
+    torch.manual_seed(0)
+    ours = Attention(24, 3)
+    ref = torch.nn.MultiheadAttention(24, 3, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(ours.qkv.weight)
+        ref.in_proj_bias.copy_(ours.qkv.bias)
+        ref.out_proj.weight.copy_(ours.proj.weight)
+        ref.out_proj.bias.copy_(ours.proj.bias)
+    x = torch.randn(2, 5, 24)
+    torch.testing.assert_close(ours(x), ref(x, x, x, need_weights=False)[0], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dim,grid", [(32, 4), (64, 7)])
