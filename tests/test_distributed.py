@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import randomize_weights
+from conftest import randomize_weights, tiny_feature_network
 from PIL import Image
 
 from genlab.eval import features as F
@@ -43,14 +43,9 @@ def test_shards_cover_the_items_once_in_order():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A tiny feature network saved as a folder, and a tiny random class-conditional diffusion model folder."""
-    from genlab.data import load_dataset
-
     root = tmp_path_factory.mktemp("dist")
-    ds = load_dataset("mnist").subset(256)
-    recipe = F.FeatureRecipe(width=4, feature_dim=16, epochs=1, batch_size=64)
-    net, meta = F.train_feature_network(ds, ds, recipe, "classifier", progress=False)
-    meta.update(hash="tiny0000", dataset="mnist", recipe=vars(recipe), recipe_version=F.RECIPE_VERSION)
-    F.save_feature_network(net, meta, root / "fnet")
+    fnet = tiny_feature_network()
+    F.save_feature_network(fnet.net, fnet.meta, root / "fnet")
     model = DiffusionModel(DiffusionConfig(image_size=28, channels=1, num_classes=10, **TINY_UNET)).eval()
     randomize_weights(model.net)
     return root, model.save_pretrained(root / "model")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_feature_network
 
 from genlab.cli import main
 from genlab.errors import GenlabError
@@ -19,13 +20,7 @@ from genlab.plots import plot_eval_metrics
 
 @pytest.fixture(scope="module")
 def _trained_tiny_fnet():
-    from genlab.data import load_dataset
-
-    ds = load_dataset("mnist").subset(256)
-    recipe = F.FeatureRecipe(width=4, feature_dim=16, epochs=1, batch_size=64)
-    net, meta = F.train_feature_network(ds, ds, recipe, "classifier", progress=False)
-    meta.update(hash="tiny0000", dataset="mnist", recipe=vars(recipe), recipe_version=F.RECIPE_VERSION)
-    return F.FeatureNetwork(net, meta)
+    return tiny_feature_network()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_weights
+from conftest import randomize_weights, tiny_feature_network
 from torch.autograd.functional import jacobian
 
 from genlab.cli import main
@@ -131,13 +131,7 @@ def test_model_folder_round_trip_gives_identical_samples(tmp_path):
 
 @pytest.fixture
 def tiny_fnet(tmp_path, monkeypatch):
-    from genlab.data import load_dataset
-
-    ds = load_dataset("mnist").subset(128)
-    recipe = F.FeatureRecipe(width=4, feature_dim=16, epochs=1, batch_size=64)
-    net, meta = F.train_feature_network(ds, ds, recipe, "classifier", progress=False)
-    meta.update(hash="tiny0000", dataset="mnist", recipe=vars(recipe), recipe_version=F.RECIPE_VERSION)
-    fnet = F.FeatureNetwork(net, meta)
+    fnet = tiny_feature_network()
     monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
     for module in (F, R):
         monkeypatch.setattr(module, "get_feature_network", lambda *a, **k: fnet)

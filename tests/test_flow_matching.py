@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import randomize_weights
+from conftest import randomize_weights, tiny_feature_network
 
 from genlab.cli import main
 from genlab.eval import features as F
@@ -161,13 +161,7 @@ def test_model_folder_round_trip(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_fnet():
-    from genlab.data import load_dataset
-
-    ds = load_dataset("mnist").subset(256)
-    recipe = F.FeatureRecipe(width=4, feature_dim=16, epochs=1, batch_size=64)
-    net, meta = F.train_feature_network(ds, ds, recipe, "classifier", progress=False)
-    meta.update(hash="tiny0000", dataset="mnist", recipe=vars(recipe), recipe_version=F.RECIPE_VERSION)
-    return F.FeatureNetwork(net, meta)
+    return tiny_feature_network()
 
 
 def test_train_sample_eval_commands(tmp_path, tiny_fnet, monkeypatch):
