@@ -125,14 +125,16 @@ class GPT(GenerativeModel):
         p = self.tok_emb.weight
         return KVCache(self.config.n_layer, batch, self.n_kv_head, max_len, self.head_dim, p.dtype, p.device)
 
-    def forward(self, idx: Tensor, cache: KVCache | None = None, key_mask: Tensor | None = None,
-                positions: Tensor | None = None, last_only: bool = False) -> Tensor:
+    def forward(self, idx: Tensor | None, cache: KVCache | None = None, key_mask: Tensor | None = None,
+                positions: Tensor | None = None, last_only: bool = False, embeds: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) for tokens `idx` (B, T) following the `cache.length` cached ones.
 
         `key_mask` (B, past + T) marks real tokens (False: left padding); `positions` (B, T) are the RoPE
         positions (default past .. past + T - 1); `last_only` computes logits of the last position only.
+        `embeds` (B, T, n_embd) are input embeddings taken in place of `tok_emb(idx)` (idx None), e.g. an image
+        prefix followed by token embeddings (Liu et al. 2023, LLaVA, eq. 1: H_v = W Z_v beside H_q).
         """
-        B, T = idx.shape
+        B, T = idx.shape if embeds is None else embeds.shape[:2]
         past = cache.length if cache is not None else 0
         if cache is not None and past + T > cache.max_len:
             raise GenlabError(f"the KV cache holds {cache.max_len} tokens; {past + T} were asked for")
@@ -142,11 +144,11 @@ class GPT(GenerativeModel):
         else:
             cos_t, sin_t = self._rope(int(positions.max()) + 1)
             cos, sin = cos_t[positions][:, :, None, :], sin_t[positions][:, :, None, :]
-        mask = attention_mask(key_mask, T, past, idx.device)
-        if T == 1 and cache is not None and not (self.training and torch.is_grad_enabled()):
+        mask = attention_mask(key_mask, T, past, self.tok_emb.weight.device)
+        if T == 1 and cache is not None and embeds is None and not (self.training and torch.is_grad_enabled()):
             return self._decode_step(idx, cache, cos.reshape(-1, 1, self.head_dim),
                                      sin.reshape(-1, 1, self.head_dim), mask)
-        x = self.tok_emb(idx)
+        x = self.tok_emb(idx) if embeds is None else embeds
         x = self.drop(x) if self.training else x
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, mask, cache, i)
