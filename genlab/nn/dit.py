@@ -1,5 +1,6 @@
 """The Diffusion Transformer (DiT, Peebles & Xie 2023): patchify, transformer blocks with adaLN-Zero
-conditioning on timestep + label, a final adaptive layer norm and a linear unpatchify."""
+conditioning on timestep + label, a final adaptive layer norm and a linear unpatchify; optionally cross-attention
+to text tokens in every block, as PixArt-alpha does (Chen et al. 2023, sec. 2.3 and fig. 4)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genlab.errors import GenlabError
+from genlab.nn.attention import CrossAttention, masked_mean
 from genlab.nn.embeddings import LabelEmbedding, TimestepEmbedding
 from genlab.registry import BACKBONES
 
@@ -57,20 +59,26 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """x + gate_msa * attn(modulate(LN(x))), then x + gate_mlp * mlp(modulate(LN(x))), with the six shifts,
     scales and gates regressed from the conditioning c and zero-initialized, so the block starts as the identity
-    (adaLN-Zero, Peebles & Xie 2023, sec. 3.2)."""
+    (adaLN-Zero, Peebles & Xie 2023, sec. 3.2). With `context_dim`, x + cross_attn(LN(x), text) sits between the
+    two, unmodulated, its output projection zero-initialized (PixArt-alpha, Chen et al. 2023, sec. 2.3)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, context_dim: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
+        self.cross = CrossAttention(dim, context_dim, num_heads) if context_dim else None
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6) if context_dim else None
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+                ) -> Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if self.cross is not None:
+            x = x + self.cross(self.norm_cross(x), context, context_mask)
         return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
@@ -92,11 +100,13 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """A Diffusion Transformer predicting eps(x_t, t, y) (Peebles & Xie 2023, fig. 3): patch embedding plus
     fixed 2D sin-cos positions, `depth` adaLN-Zero blocks conditioned on timestep + label embedding (the label
-    embedding's extra null class serves classifier-free guidance), final adaptive norm and linear unpatchify."""
+    embedding's extra null class serves classifier-free guidance), final adaptive norm and linear unpatchify.
+    With `context_dim` > 0 every block cross-attends to text tokens (PixArt-alpha) and their masked mean joins
+    the timestep embedding (Saharia et al. 2022, app. E)."""
 
     def __init__(self, in_channels: int = 4, image_size: int = 32, patch_size: int = 2, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0,
-                 out_channels: int | None = None) -> None:
+                 out_channels: int | None = None, context_dim: int = 0) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} must be divisible by patch size {patch_size}")
@@ -109,12 +119,14 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, self.grid)[None], persistent=False)
         self.t_embedder = TimestepEmbedding(256, hidden_size)
         self.label_embed = LabelEmbedding(num_classes, hidden_size) if num_classes > 0 else None
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.context_dim = context_dim
+        self.context_pool = nn.Linear(context_dim, hidden_size) if context_dim else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._init_weights()
 
     @classmethod
-    def from_config(cls, config: Any, num_classes: int) -> DiT:
+    def from_config(cls, config: Any, num_classes: int, context_dim: int = 0) -> DiT:
         """Build from a `DiffusionConfig` (keys channels, image_size, patch_size, hidden_size, depth, num_heads,
         mlp_ratio); a size that does not fit raises GenlabError naming the key."""
         if config.patch_size < 1 or config.image_size % config.patch_size:
@@ -124,7 +136,7 @@ class DiT(nn.Module):
                               f"{config.num_heads} (and model.depth >= 1)")
         return cls(in_channels=config.channels, image_size=config.image_size, patch_size=config.patch_size,
                    hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
-                   mlp_ratio=config.mlp_ratio, num_classes=num_classes)
+                   mlp_ratio=config.mlp_ratio, num_classes=num_classes, context_dim=context_dim)
 
     def _init_weights(self) -> None:
         """Xavier-uniform linears, patch embedding as a linear, N(0, 0.02) embeddings, and zero for every adaLN
@@ -143,6 +155,8 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.adaLN_modulation[-1].weight)
             nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if block.cross is not None:  # each cross-attention starts as the identity (PixArt-alpha's zero init)
+                nn.init.zeros_(block.cross.proj.weight)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -153,14 +167,20 @@ class DiT(nn.Module):
         x = x.view(B, g, g, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, g * p, g * p)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        """Predict eps for `x` (B, C, H, W) at timesteps `t` (B,) with labels `y` (B,) (None: the null class)."""
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> Tensor:
+        """Predict eps for `x` (B, C, H, W) at timesteps `t` (B,) with labels `y` (B,) (None: the null class), and
+        with `context_dim`, text tokens `context` (B, L, context_dim) under `context_mask` (B, L; True = real)."""
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t.expand(x.shape[0]))
         if self.label_embed is not None:
             if y is None:
                 y = torch.full((x.shape[0],), self.label_embed.null_class, device=x.device, dtype=torch.long)
             c = c + self.label_embed(y)
+        if self.context_pool is not None:
+            if context is None:
+                raise ValueError("this DiT reads text tokens: pass context (and context_mask)")
+            c = c + self.context_pool(masked_mean(context, context_mask))
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, context, context_mask)
         return self.unpatchify(self.final_layer(h, c))
