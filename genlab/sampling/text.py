@@ -176,14 +176,21 @@ def _pad_id(model: Any) -> int:
 
 @torch.inference_mode()
 def stream(model: Any, prompts: list[list[int]], cfg: GenerationConfig,
-           generator: torch.Generator | None = None) -> Iterator[Step]:
-    """Yield one `Step` per new token for a batch of token-id prompts (sampling or greedy, KV-cached)."""
+           generator: torch.Generator | None = None, prefix: Tensor | None = None) -> Iterator[Step]:
+    """Yield one `Step` per new token for a batch of token-id prompts (sampling or greedy, KV-cached).
+
+    `prefix` (B, P, n_embd): input embeddings that precede each row's prompt (an image, LLaVA-style); the
+    left padding goes before them.
+    """
     cfg.check()
     device = model.tok_emb.weight.device
     if generator is None and cfg.seed is not None:
         generator = torch.Generator(device).manual_seed(cfg.seed)
     pad = _pad_id(model)
-    ids, real, positions = left_pad(prompts, pad, device)
+    P = 0 if prefix is None else prefix.shape[1]
+    if prefix is not None and prefix.shape[0] != len(prompts):
+        raise GenlabError(f"{prefix.shape[0]} prefixes for {len(prompts)} prompts; give one per prompt")
+    ids, real, positions = left_pad([[pad] * P + p for p in prompts], pad, device)
     B, T = ids.shape
     V = model.config.vocab_size
     max_len = T + cfg.max_new_tokens
@@ -192,7 +199,7 @@ def stream(model: Any, prompts: list[list[int]], cfg: GenerationConfig,
     if real is not None:
         key_mask = torch.ones(B, max_len, dtype=torch.bool, device=device)
         key_mask[:, :T] = real
-    next_pos = torch.tensor([len(p) for p in prompts], device=device)[:, None]
+    next_pos = torch.tensor([P + len(p) for p in prompts], device=device)[:, None]
     seen = counts = None
     if cfg.repetition_penalty != 1.0:
         seen = torch.zeros(B, V, dtype=torch.bool, device=device)
@@ -207,7 +214,8 @@ def stream(model: Any, prompts: list[list[int]], cfg: GenerationConfig,
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
     can_stop = len(stop_ids) > 0 or bool(stop_strings)
-    logits = model(ids, cache, key_mask=key_mask, positions=positions, last_only=True)[:, -1].float()
+    extra = {} if prefix is None else {"embeds": _with_prefix(model, ids, prefix, [len(p) for p in prompts])}
+    logits = model(ids, cache, key_mask=key_mask, positions=positions, last_only=True, **extra)[:, -1].float()
     for step in range(cfg.max_new_tokens):
         nxt = choose(process_logits(logits, cfg, seen, counts), cfg, generator)
         logprob = logits.gather(-1, nxt[:, None])[:, 0] - logits.logsumexp(-1)
@@ -237,6 +245,15 @@ def stream(model: Any, prompts: list[list[int]], cfg: GenerationConfig,
         logits = model(nxt[:, None], cache, key_mask=key_mask, positions=pos)[:, -1].float()
 
 
+def _with_prefix(model: Any, ids: Tensor, prefix: Tensor, lengths: list[int]) -> Tensor:
+    """Token embeddings of left-padded `ids` (B, T) with row i's `prefix` in the P slots before its prompt."""
+    embeds = model.tok_emb(ids).clone()
+    T, P = ids.shape[1], prefix.shape[1]
+    for i, n in enumerate(lengths):
+        embeds[i, T - n - P: T - n] = prefix[i].to(embeds.dtype)
+    return embeds
+
+
 def _hit_stop_strings(tok: Any, generated: list[list[int]], nxt: Tensor, active: Tensor, stops: list[str],
                       tail_len: int) -> Tensor:
     """Rows whose recent text contains a stop string."""
@@ -250,17 +267,19 @@ def _hit_stop_strings(tok: Any, generated: list[list[int]], nxt: Tensor, active:
 
 
 def generate(model: Any, prompts: list[list[int]], cfg: GenerationConfig,
-             generator: torch.Generator | None = None) -> GenerationOutput:
-    """Decode every prompt (token ids) to completion: sampling / greedy via `stream`, or beam search."""
+             generator: torch.Generator | None = None, prefix: Tensor | None = None) -> GenerationOutput:
+    """Decode every prompt (token ids) to completion: sampling / greedy via `stream`, or beam search; `prefix`
+    (B, P, n_embd) as in `stream`."""
     cfg.check()
     if cfg.num_beams > 1:
-        outs = [beam_search(model, p, cfg) for p in prompts]
+        outs = [beam_search(model, p, cfg, None if prefix is None else prefix[i: i + 1])
+                for i, p in enumerate(prompts)]
         return GenerationOutput([o[0] for o in outs], [o[1] for o in outs], [o[2] for o in outs])
     B = len(prompts)
     tokens: list[list[int]] = [[] for _ in range(B)]
     logprobs: list[list[float]] = [[] for _ in range(B)]
     reason = ["length"] * B
-    for step in stream(model, prompts, cfg, generator):
+    for step in stream(model, prompts, cfg, generator, prefix):
         for i, (t, lp, a) in enumerate(zip(step.tokens.tolist(), step.logprobs.tolist(), step.active.tolist())):
             if a:
                 tokens[i].append(t)
@@ -292,7 +311,8 @@ def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
 
 # -- beam search --------------------------------------------------------------------------------------
 @torch.inference_mode()
-def beam_search(model: Any, prompt: list[int], cfg: GenerationConfig) -> tuple[list[int], list[float], str]:
+def beam_search(model: Any, prompt: list[int], cfg: GenerationConfig, prefix: Tensor | None = None
+                ) -> tuple[list[int], list[float], str]:
     """Beam search (as in transformers, `early_stopping=False`): finished hypotheses are scored
     sum log p / (generated length ** length_penalty) (Wu et al. 2016 use a related length normalization).
 
@@ -301,10 +321,13 @@ def beam_search(model: Any, prompt: list[int], cfg: GenerationConfig) -> tuple[l
     nb = cfg.num_beams
     device = model.tok_emb.weight.device
     stop_ids = set(_stop_ids(model, cfg))
-    T = len(prompt)
+    T = len(prompt) + (0 if prefix is None else prefix.shape[1])
     cache = model.new_cache(nb, T + cfg.max_new_tokens)
     ids = torch.tensor([prompt] * nb, dtype=torch.long, device=device)
-    logits = model(ids, cache, last_only=True)[:, -1].float()
+    extra = {}  # `prefix` (1, P, n_embd): input embeddings before the prompt, as in `stream`
+    if prefix is not None:
+        extra["embeds"] = torch.cat([prefix.expand(nb, -1, -1).to(device), model.tok_emb(ids)], dim=1)
+    logits = model(ids, cache, last_only=True, **extra)[:, -1].float()
     running_scores = torch.full((nb,), -1.0e9, device=device)
     running_scores[0] = 0.0
     beams: list[list[int]] = [[] for _ in range(nb)]
