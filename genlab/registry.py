@@ -71,7 +71,7 @@ class Registry(Generic[T]):
 MODELS: Registry[type] = Registry("model family", [
     "genlab.models.diffusion", "genlab.models.autoencoder", "genlab.models.gpt", "genlab.models.vae",
     "genlab.models.flow", "genlab.models.gan",
-    "genlab.models.flow_matching"])
+    "genlab.models.flow_matching", "genlab.models.clip"])
 DATASETS: Registry[Callable] = Registry("dataset", ["genlab.data.builtin"])
 SAMPLERS: Registry[Callable] = Registry("sampler", ["genlab.sampling.solvers"])
 BACKBONES: Registry[type] = Registry("backbone", ["genlab.nn.unet", "genlab.nn.dit"])

@@ -34,10 +34,12 @@ class Conditioning(str, Enum):
 
 
 class Output(str, Enum):
-    """What `sample` returns: images (B, C, H, W) in [-1, 1], or token ids (B, T)."""
+    """What `sample` returns: images (B, C, H, W) in [-1, 1], or token ids (B, T); an embedding model (CLIP)
+    samples nothing and outputs vectors (B, D) from `encode_text` / `encode_image`."""
 
     IMAGE = "image"
     TEXT = "text"
+    EMBEDDING = "embeddings"
 
 
 class Likelihood(str, Enum):
