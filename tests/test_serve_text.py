@@ -1,0 +1,198 @@
+"""Text serving: the continuous-batching engine against decoding each request alone (`sampling.text.generate`),
+per-request settings, joins and leaves mid-batch, stop strings; the OpenAI-shaped API through the official
+`openai` client against a real server process on loopback."""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import pytest
+import torch
+from test_gpt import dataset
+
+from genlab.errors import GenlabError
+from genlab.models.gpt import GPT, GPTConfig
+from genlab.sampling.text import generate, top_k_filter
+from genlab.serve.textbatch import BatchDecoder, TextEngine, TextRequest
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["the", "a quick brown", "over the lazy dog and", "p", "jumps over"]
+
+
+@functools.lru_cache(maxsize=1)
+def trained_gpt() -> GPT:
+    """A 2-layer char GPT with grouped KV heads, trained 100 steps on the toy text (peaked, varied outputs)."""
+    torch.manual_seed(0)
+    with torch.random.fork_rng():
+        model = GPT.build(GPTConfig(tokenizer="char", n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=32),
+                          dataset())
+        data = model.prepare_data(dataset())
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(100):
+            loss = model.training_losses(data.get_batch(torch.randint(len(data), (16,), generator=g)))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval().requires_grad_(False)
+
+
+def ids(text: str) -> list[int]:
+    return trained_gpt().tokenizer.encode(text, bos=True)
+
+
+def alone(req: TextRequest) -> list[int]:
+    """The request decoded by itself with `sampling.text.generate` (the reference)."""
+    cfg = req.generation_config()
+    return generate(trained_gpt(), [req.prompt], cfg).tokens[0]
+
+
+def tokens(events) -> list[int]:
+    return [t.id for e in events for t in e.tokens]
+
+
+def test_greedy_batch_equals_each_request_alone():
+    reqs = [TextRequest(ids(p), max_tokens=12 + 3 * i, temperature=0, stop_token_ids=[]) for i, p in enumerate(PROMPTS)]
+    events = BatchDecoder(trained_gpt()).run(reqs)
+    for r, ev in zip(reqs, events):
+        assert tokens(ev) == alone(r)
+        assert ev[-1].finish_reason == "length" and ev[-1].completion_tokens == r.max_tokens
+        assert sum(len(e.tokens) for e in ev) == r.max_tokens
+
+
+def test_requests_join_and_leave_mid_batch():
+    """A join with a prompt longer than the batch's columns (the batch shifts right), joins after leaves, a
+    request alone for a while: every row still decodes as it does alone, and its logprobs agree."""
+    model = trained_gpt()
+    dec = BatchDecoder(model)
+    plan = {0: ["jumps over"], 2: ["p"], 3: ["over the lazy dog and the quick"], 9: ["a", "the lazy"], 30: ["dog"]}
+    reqs, events = [], []
+    for step in range(200):
+        for text in plan.get(step, []):
+            reqs.append(TextRequest(ids(text), max_tokens=5 + 3 * len(reqs), temperature=0, stop_token_ids=[],
+                                    logprobs=0))
+            events.append([])
+            dec.add(reqs[-1], events[-1].append)
+        if step > 30 and not dec.busy:
+            break
+        dec.step()
+    assert len(reqs) == 6 and not dec.busy
+    for r, ev in zip(reqs, events):
+        ref = generate(model, [r.prompt], r.generation_config())
+        assert tokens(ev) == ref.tokens[0]
+        lps = torch.tensor([t.logprob for e in ev for t in e.tokens])
+        torch.testing.assert_close(lps, torch.tensor(ref.logprobs[0]), atol=1e-4, rtol=0)
+    assert dec.cache is None  # everyone left: the batch's storage is gone
+
+
+def test_each_request_keeps_its_own_settings_and_generator():
+    """Seeded sampling rows beside greedy and top-k rows give what each gives alone with the same seed."""
+    reqs = [
+        TextRequest(ids("the"), max_tokens=20, temperature=1.0, seed=7, stop_token_ids=[]),
+        TextRequest(ids("the"), max_tokens=20, temperature=1.0, seed=8, stop_token_ids=[]),
+        TextRequest(ids("a quick brown"), max_tokens=15, temperature=0, stop_token_ids=[]),
+        TextRequest(ids("over"), max_tokens=18, temperature=0.7, top_k=3, top_p=0.9, seed=1, stop_token_ids=[]),
+        TextRequest(ids("the"), max_tokens=20, temperature=1.0, seed=7, stop_token_ids=[]),
+    ]
+    events = BatchDecoder(trained_gpt()).run(reqs)
+    got = [tokens(e) for e in events]
+    for r, g in zip(reqs, got):
+        assert g == alone(r)
+    assert got[0] == got[4] and got[0] != got[1]
+    assert [e[-1].seed for e in events] == [7, 8, events[2][-1].seed, 1, 7]
+
+
+def test_sampled_tokens_stay_inside_each_rows_top_k():
+    model = trained_gpt()
+    dec = BatchDecoder(model)
+    reqs = [TextRequest(ids(p), max_tokens=10, temperature=5.0, top_k=k, seed=k, stop_token_ids=[])
+            for p, k in zip(PROMPTS, (1, 2, 3, 2, 1))]
+    events = dec.run(reqs)
+    for r, ev in zip(reqs, events):
+        seq = list(r.prompt)
+        for t in tokens(ev):
+            logits = model(torch.tensor([seq]))[0, -1:]
+            assert torch.isfinite(top_k_filter(logits, r.top_k)[0, t])
+            seq.append(t)
+
+
+def test_stop_strings_and_streamed_text():
+    """The text stops before the first stop string; streamed pieces never show a part of it and add up to the
+    final text; a stop token ends a row without appearing."""
+    model = trained_gpt()
+    tok = model.tokenizer
+    free_req = TextRequest(ids("the"), max_tokens=40, temperature=1.0, seed=3, stop_token_ids=[])
+    free = tok.decode(alone(free_req))
+    stop = free[10:13]
+    reqs = [TextRequest(ids("the"), max_tokens=40, temperature=1.0, seed=3, stop_token_ids=[], stop=[stop, "@@"]),
+            TextRequest(ids("a quick brown"), max_tokens=25, temperature=0, stop_token_ids=[])]
+    greedy = alone(reqs[1])
+    reqs.append(TextRequest(ids("a quick brown"), max_tokens=25, temperature=0, stop_token_ids=[greedy[4]]))
+    events = BatchDecoder(model).run(reqs)
+    text = "".join(e.delta for e in events[0])
+    assert text == free[: free.find(stop)] and events[0][-1].finish_reason == "stop"
+    assert all(stop[:2] not in e.delta for e in events[0][:-1])
+    assert tokens(events[1]) == greedy
+    assert tokens(events[2]) == greedy[: greedy.index(greedy[4])] and events[2][-1].finish_reason == "stop"
+
+
+def test_logprobs_and_top_alternatives():
+    model = trained_gpt()
+    req = TextRequest(ids("over the"), max_tokens=6, temperature=0, stop_token_ids=[], logprobs=3)
+    ev = BatchDecoder(model).run([req])[0]
+    seq = list(req.prompt)
+    for info in (t for e in ev for t in e.tokens):
+        logp = model(torch.tensor([seq]))[0, -1].log_softmax(-1)
+        assert info.logprob == pytest.approx(float(logp.max()), abs=1e-4)
+        assert [lp for _, lp in info.top] == pytest.approx(logp.topk(3).values.tolist(), abs=1e-4)
+        assert info.top[0][0] == model.tokenizer.decode([info.id])
+        seq.append(info.id)
+
+
+def test_a_cancelled_request_leaves_and_the_rest_go_on():
+    dec = BatchDecoder(trained_gpt())
+    reqs = [TextRequest(ids(p), max_tokens=15, temperature=0, stop_token_ids=[]) for p in PROMPTS[:3]]
+    events = [[] for _ in reqs]
+    seqs = [dec.add(r, e.append) for r, e in zip(reqs, events)]
+    for _ in range(4):
+        dec.step()
+    seqs[1].cancelled = True
+    while dec.busy:
+        dec.step()
+    assert events[1][-1].finish_reason == "cancelled" and len(tokens(events[1])) == 4
+    assert tokens(events[0]) == alone(reqs[0]) and tokens(events[2]) == alone(reqs[2])
+
+
+def test_engine_thread_serves_concurrent_submitters():
+    engine = TextEngine(trained_gpt(), max_batch=3)  # five requests, three rows: two wait for a free row
+    try:
+        reqs = [TextRequest(ids(p), max_tokens=10, temperature=0, stop_token_ids=[]) for p in PROMPTS]
+        results: list[list] = [[] for _ in reqs]
+        done = [threading.Event() for _ in reqs]
+
+        def submit(i: int) -> None:
+            def cb(ev) -> None:
+                results[i].append(ev)
+                if ev.finish_reason:
+                    done[i].set()
+            engine.submit(reqs[i], cb)
+
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        assert all(d.wait(60) for d in done)
+        for r, ev in zip(reqs, results):
+            assert tokens(ev) == alone(r)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-2),
+                                 dict(logprobs=21), dict(stop=[""]), dict(seed=-1), dict(prompt=[])])
+def test_bad_settings_are_one_line_errors(bad):
+    req = TextRequest(**({"prompt": ids("the")} | bad))
+    with pytest.raises(GenlabError) as e:
+        BatchDecoder(trained_gpt()).add(req)
+    assert "\n" not in str(e.value)
