@@ -104,6 +104,22 @@ def test_each_request_keeps_its_own_settings_and_generator():
     assert [e[-1].seed for e in events] == [7, 8, events[2][-1].seed, 1, 7]
 
 
+def test_rows_with_prefix_embeddings_decode_as_alone():
+    """Image-prefixed rows (LLaVA-style input embeddings before the prompt) beside plain rows."""
+    model = trained_gpt()
+    g = torch.Generator().manual_seed(0)
+    prefixes = [torch.randn(5, 32, generator=g) * 0.5, None, torch.randn(3, 32, generator=g) * 0.5]
+    reqs = [TextRequest(ids(p), max_tokens=12, temperature=0, stop_token_ids=[], prefix=x)
+            for p, x in zip(PROMPTS, prefixes)]
+    events = BatchDecoder(model).run(reqs)
+    for r, ev in zip(reqs, events):
+        ref = generate(model, [r.prompt], r.generation_config(), prefix=None if r.prefix is None else r.prefix[None])
+        assert tokens(ev) == ref.tokens[0]
+    assert events[0][-1].prompt_tokens == 5 + len(reqs[0].prompt)
+    plain = BatchDecoder(model).run([TextRequest(ids(PROMPTS[0]), max_tokens=12, temperature=0, stop_token_ids=[])])
+    assert events[0][0].tokens[0].logprob != pytest.approx(plain[0][0].tokens[0].logprob, abs=1e-4)  # it was read
+
+
 def test_sampled_tokens_stay_inside_each_rows_top_k():
     model = trained_gpt()
     dec = BatchDecoder(model)

@@ -46,7 +46,7 @@ class TextRequest:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] | None = None  # None: the tokenizer's EOS and END
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and the k most likely alternatives
-    image: Any = None  # conditioning image for a model that declares image conditioning
+    prefix: Tensor | None = None  # (P, n_embd) input embeddings before the prompt (an image, LLaVA-style)
 
     def generation_config(self) -> GenerationConfig:
         """The settings as `sampling.text`'s config, validated (one-line `GenlabError` naming the field)."""
@@ -59,6 +59,8 @@ class TextRequest:
             check_int("logprobs", self.logprobs, 0, MAX_TOP_LOGPROBS)
         if not self.prompt:
             raise GenlabError("the prompt has no tokens")
+        if self.prefix is not None and self.prefix.ndim != 2:
+            raise GenlabError(f"prefix must be (positions, width), got shape {tuple(self.prefix.shape)}")
         return cfg
 
 
@@ -108,6 +110,11 @@ class Sequence:
         self.needs_history = self.cfg.repetition_penalty != 1.0 or bool(
             self.cfg.presence_penalty or self.cfg.frequency_penalty)
 
+    @property
+    def length(self) -> int:
+        """Positions the prompt fills: its prefix embeddings and its tokens."""
+        return len(self.req.prompt) + (0 if self.req.prefix is None else self.req.prefix.shape[0])
+
     # -- sampling -------------------------------------------------------------------------------
     def choose(self, logits: Tensor) -> int:
         """The next token from this row's raw logits (1, V) with this request's own filters and generator."""
@@ -147,7 +154,7 @@ class Sequence:
         infos: list[TokenInfo] = []
         if delta or self.finish_reason is not None:  # tokens travel with the text they make
             infos, self.sent_tokens = self.infos[self.sent_tokens:], len(self.infos)
-        return TextEvent(delta, infos, self.finish_reason, self.seed, len(self.req.prompt), len(self.tokens), error)
+        return TextEvent(delta, infos, self.finish_reason, self.seed, self.length, len(self.tokens), error)
 
     def emit(self, ev: TextEvent) -> None:
         if self.callback is not None:
@@ -248,11 +255,15 @@ class BatchDecoder:
     # -- the loop -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def _prefill(self, seq: Sequence) -> tuple[Tensor, Tensor, Tensor]:
-        """The prompt alone through the model: its cache rows (k, v) and its next-token logits (1, V)."""
-        P = len(seq.req.prompt)
-        cache = self.model.new_cache(1, P)
+        """The prompt (after its prefix embeddings, if any) alone through the model: its cache rows (k, v) and
+        its next-token logits (1, V)."""
         ids = torch.tensor([seq.req.prompt], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache, last_only=True)[:, -1].float()
+        prefix = seq.req.prefix
+        embeds = None
+        if prefix is not None:
+            embeds = torch.cat([prefix.to(self.model.tok_emb.weight)[None], self.model.tok_emb(ids)], dim=1)
+        cache = self.model.new_cache(1, seq.length)
+        logits = self.model(ids if embeds is None else None, cache, last_only=True, embeds=embeds)[:, -1].float()
         return cache.k, cache.v, logits
 
     def _admit(self) -> None:
@@ -276,7 +287,7 @@ class BatchDecoder:
             return
         self._rebuild(extra, 1)
         self.rows += joined
-        new_n = torch.tensor([len(s.req.prompt) for s in joined], dtype=torch.long, device=self.device)
+        new_n = torch.tensor([s.length for s in joined], dtype=torch.long, device=self.device)
         self.n = torch.cat([self.n, new_n])
         lg = torch.cat(logits)
         self.logits = lg if self.logits is None else torch.cat([self.logits, lg])
