@@ -63,16 +63,15 @@ class GenerationRequest(BaseModel):
     guidance_scale: float | None = None
     seed: int | None = None
     strength: float | None = None  # edits only
-    # OpenAI fields genlab accepts and ignores (they do not change what a genlab model draws)
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
-    background: str | None = None
-    moderation: str | None = None
     output_format: Literal["png"] | None = None
-    output_compression: int | None = None
+    stream: Literal[False] | None = None
     image: str | None = None  # edits: the stored input's id (set by the server, never a path)
     mask: str | None = None
+
+
+# OpenAI's fields that do not change what a genlab model draws: accepted and ignored
+OPENAI_IGNORED = ("quality", "style", "user", "background", "moderation", "output_compression", "partial_images",
+                  "safety_identifier", "input_fidelity", "complexity")
 
 
 def validation_message(e: ValidationError) -> str:
@@ -107,7 +106,7 @@ def prepare(kind: str, raw: dict[str, Any], pool: ModelPool, limits: Limits, sto
     if not isinstance(raw, dict):
         raise GenlabError("the request body must be a JSON object")
     try:
-        r = GenerationRequest.model_validate(raw)
+        r = GenerationRequest.model_validate({k: v for k, v in raw.items() if k not in OPENAI_IGNORED})
     except ValidationError as e:
         raise GenlabError(validation_message(e)) from None
     name = resolve_model(r.model, pool)
@@ -315,7 +314,7 @@ def _write_outputs(jobs: list[Job], model: GenerativeModel, x: torch.Tensor, con
 
 def respond(job: Job, store: Store, base_url: str) -> dict[str, Any]:
     """OpenAI's images response: `created`, `data` [{b64_json | url, revised_prompt}], plus each image's `id`,
-    `seed` and `params`, and the job's id."""
+    `seed` and `params`, the job's id and its batch (images drawn together, seconds)."""
     result = job.result or {}
     data = []
     for item in result.get("data", []):
@@ -327,7 +326,8 @@ def respond(job: Job, store: Store, base_url: str) -> dict[str, Any]:
             found = store.output(item["id"])
             out["b64_json"] = base64.b64encode(found[0].read_bytes()).decode() if found else None
         data.append(out)
-    return {"created": result.get("created", int(job.created)), "data": data, "job": job.id}
+    return {"created": result.get("created", int(job.created)), "data": data, "job": job.id,
+            "batch": {"images": result.get("batch_images"), "seconds": result.get("batch_seconds")}}
 
 
 # -- the uploads of an edit ---------------------------------------------------------------
@@ -401,7 +401,7 @@ def _save(im: Image.Image, path: Path) -> None:
 
 def edit_form(form: dict[str, str]) -> dict[str, Any]:
     """The text fields of a multipart edit request as typed values (form fields arrive as strings)."""
-    ints = ("n", "label", "negative_label", "steps", "seed", "output_compression")
+    ints = ("n", "label", "negative_label", "steps", "seed")
     floats = ("guidance_scale", "strength")
     out: dict[str, Any] = {}
     for key, value in form.items():
