@@ -3,6 +3,9 @@
 Any sampler of `--list-samplers` with its options (`--opt s_churn=1`), a `--schedule`, a `--negative-label`,
 `--guidance-rescale`, img2img (`--init-image x.png --strength 0.6`) and inpainting (`--init-image x.png
 --mask m.png`, white = generate; `--repaint-jumps 10` resamples as RePaint), a `--temperature` of the prior.
+Text-to-image models take `--prompt "a red circle left of a blue square" --negative-prompt "green"` (the negative
+prompt replaces the unconditional branch of guidance) or `--prompt-file prompts.txt` (one prompt per line, each
+drawn `--n` times), with img2img and inpainting too; each PNG records its prompt.
 
 Any image family: the options a family does not declare it takes (`GenerativeModel.sample_options`,
 `conditioning`) are refused with the list of those it does, e.g. a KL autoencoder decodes prior draws and takes
@@ -66,6 +69,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-label", type=int, default=None,
                    help="guide away from this class instead of the unconditional model")
     p.add_argument("--guidance-rescale", type=float, default=None, help="guidance rescale phi in [0, 1] (0 = off)")
+    p.add_argument("--prompt", default=None, help="text-to-image models: what to draw, e.g. \"a red circle left of "
+                   "a blue square\"")
+    p.add_argument("--negative-prompt", default=None, help="text-to-image models: guide away from this prompt (it "
+                   "replaces the unconditional branch of guidance)")
+    p.add_argument("--prompt-file", default=None, help="text-to-image models: a UTF-8 file of prompts, one per line, "
+                   "each drawn --n times (image i of prompt j has seed seed + j * n + i)")
     p.add_argument("--init-image", default=None, help="start from this image (img2img, or inpainting with --mask)")
     p.add_argument("--strength", type=float, default=None,
                    help="img2img noise level in [0, 1]: 0 keeps the image, 1 ignores it (default 0.8; 1 with --mask)")
@@ -127,13 +136,56 @@ def _check_args(args: argparse.Namespace) -> None:
     if (args.repaint_jumps or 1) > 1 and args.sampler != "ddpm":
         raise GenlabError("--repaint-jumps resamples with ddpm steps: add --sampler ddpm")
     unguided = [flag for flag, value in (("--negative-label", args.negative_label),
+                                         ("--negative-prompt", args.negative_prompt),
                                          ("--guidance-rescale", args.guidance_rescale)) if value is not None]
     if args.cfg == 1 and unguided:
         raise GenlabError(f"{' and '.join(unguided)} act through guidance and do nothing with --cfg 1; raise --cfg")
+    _check_prompts(args)
     if args.out is not None or args.out_dir is None:
         check_output_path(args.out or "grid.png", "--out", suffix=".png")
     if args.out_dir is not None:
         check_output_path(args.out_dir, "--out-dir", folder=True)
+
+
+MAX_PROMPT_CHARS = 2000  # a prompt longer than this is a mistake whatever the model's token limit
+
+
+def _check_prompts(args: argparse.Namespace) -> None:
+    """--prompt / --prompt-file / --negative-prompt on their own (the model checks their length in tokens)."""
+    if args.prompt is not None and args.prompt_file is not None:
+        raise GenlabError("--prompt and --prompt-file both give prompts; give one of them")
+    for flag, text in (("--prompt", args.prompt), ("--negative-prompt", args.negative_prompt)):
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
+            raise GenlabError(f"{flag} has {len(text)} characters; keep it under {MAX_PROMPT_CHARS}")
+    if args.prompt_file is not None:
+        prompts = read_prompt_file(args.prompt_file)
+        check_int("--n x the prompts of --prompt-file", args.n * len(prompts), 1, MAX_N)
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The non-empty lines of a UTF-8 prompt file, each stripped; one-line errors for a missing, binary, empty or
+    overlong file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise GenlabError(f"cannot read --prompt-file {path} ({e.__class__.__name__}); give a text file") from None
+    except UnicodeDecodeError:
+        raise GenlabError(f"--prompt-file {path} is not UTF-8 text; give one prompt per line") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise GenlabError(f"--prompt-file {path} has no prompts; write one prompt per line")
+    long = [p for p in prompts if len(p) > MAX_PROMPT_CHARS]
+    if long:
+        raise GenlabError(f"--prompt-file {path} has a prompt of {len(long[0])} characters; keep each under "
+                          f"{MAX_PROMPT_CHARS}")
+    return prompts
+
+
+def _prompts(args: argparse.Namespace) -> list[str] | None:
+    """One prompt per image from --prompt or --prompt-file (each of its prompts --n times), or None."""
+    if args.prompt_file is not None:
+        return [p for p in read_prompt_file(args.prompt_file) for _ in range(args.n)]
+    return [args.prompt] * args.n if args.prompt is not None else None
 
 
 def _flag(dest: str) -> str:
@@ -160,6 +212,7 @@ def check_family_takes(model: GenerativeModel, args: argparse.Namespace,
 # the options of `genlab sample` beyond --n / --seed / --out / --out-dir / --batch / --device, by what they need
 FLAGS: dict[SampleOption | Conditioning, tuple[str, ...]] = {
     Conditioning.CLASS_LABEL: ("label",),
+    Conditioning.TEXT: ("prompt", "negative_prompt", "prompt_file"),
     SampleOption.SAMPLER: ("sampler", "opt", "eta", "schedule", "spacing"),
     SampleOption.STEPS: ("steps",),
     SampleOption.GUIDANCE: ("cfg", "negative_label", "guidance_rescale"),
@@ -174,6 +227,7 @@ def _sample_kwargs(model: GenerativeModel, args: argparse.Namespace) -> dict[str
                           if _given(args, k)}
     kw |= _parse_opts(args.opt)
     guidance = {k: getattr(args, d) for k, d in (("scale", "cfg"), ("negative", "negative_label"),
+                                                  ("negative", "negative_prompt"),
                                                   ("rescale", "guidance_rescale")) if _given(args, d)}
     if guidance:
         kw["guidance"] = Guidance(**guidance)
@@ -194,7 +248,8 @@ def sampling_params(model: GenerativeModel, kw: dict[str, Any]) -> dict[str, Any
     params = {**defaults, **kw}
     guidance, start = params.pop("guidance", None), params.pop("start", None)
     if guidance is not None:
-        params |= {"cfg": guidance.scale, "negative_label": guidance.negative, "guidance_rescale": guidance.rescale}
+        negative = "negative_prompt" if isinstance(guidance.negative, str) else "negative_label"
+        params |= {"cfg": guidance.scale, negative: guidance.negative, "guidance_rescale": guidance.rescale}
     if start is not None:
         params |= {"strength": start.resolved_strength, "repaint_jumps": start.repaint_jumps,
                    "repaint_jump_length": start.repaint_jump_length}
@@ -260,12 +315,14 @@ def run(args: argparse.Namespace) -> int:
             raise GenlabError(f"{model_dir} holds a {model.family} model, which outputs {model.output.value}; "
                               f"`genlab sample` draws images (use `genlab generate` for text)")
         check_family_takes(model, args, FLAGS)
-        labels = model.labels_for(args.n, args.label)
+        prompts = _prompts(args)
+        n = len(prompts) if prompts is not None else args.n
+        labels = model.labels_for(n, prompts if prompts is not None else args.label)
         kw = _sample_kwargs(model, args)
-        x = sample_images(model.sample, args.n, args.seed, batch_size=args.batch, cond=labels, progress=True,
+        x = sample_images(model.sample, n, args.seed, batch_size=args.batch, cond=labels, progress=True,
                           per_item_seeds=model.per_item_seeds, **kw)
         if rank == 0:
-            _write(args, model, x, labels, sampling_params(model, kw))
+            _write(args, model, x, None if prompts is not None else labels, sampling_params(model, kw), prompts)
     finally:
         if world > 1:
             end()
@@ -273,17 +330,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(args: argparse.Namespace, model: GenerativeModel, x: torch.Tensor, labels: Any,
-           params: dict[str, Any]) -> None:
-    """The grid (one row per class when cycling classes) and, with --out-dir, one PNG per image."""
+           params: dict[str, Any], prompts: list[str] | None = None) -> None:
+    """The grid (one row per class when cycling classes, one per prompt of a prompt file) and, with --out-dir, one
+    PNG per image; each PNG's text chunk holds its prompt(s)."""
     common = {"model": str(args.model), "family": model.family, **params, "init_image": args.init_image,
               "mask": args.mask}
+    n = len(x)
     if args.out_dir:
         for i, img in enumerate(to_uint8(x)):
             p = {**common, "seed": args.seed + i, "label": int(labels[i]) if labels is not None else None}
+            if prompts is not None:
+                p["prompt"] = prompts[i]
             save_png(img, Path(args.out_dir) / f"{i:05d}_seed{args.seed + i}.png", p)
-        print(f"wrote {args.n} images to {args.out_dir}")
+        print(f"wrote {n} images to {args.out_dir}")
     if args.out or not args.out_dir:
         nrow = int((labels == labels[0]).sum()) if labels is not None and args.label is None else None
-        p = {**common, "seed": args.seed, "seeds": f"seed + i for image i (row-major), i < {args.n}",
-             "n": args.n, "labels": labels.tolist() if labels is not None else None}
+        p = {**common, "seed": args.seed, "seeds": f"seed + i for image i (row-major), i < {n}",
+             "n": n, "labels": labels.tolist() if labels is not None else None}
+        if prompts is not None:
+            distinct = list(dict.fromkeys(prompts))
+            p |= {"prompt": distinct[0]} if len(distinct) == 1 else {"prompts": prompts}
+            nrow = args.n if args.prompt_file is not None else None
         print(f"wrote {save_grid(x, args.out or 'grid.png', nrow=nrow, params=p)}")

@@ -15,6 +15,7 @@ from torch import Tensor
 from genlab.files import atomic_path
 
 PARAMS_KEY = "genlab"
+PROMPT_KEY = "prompt"  # a text-to-image PNG's prompt, also as plain text (iTXt when it is not Latin-1)
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -64,12 +65,15 @@ def _pil(a: np.ndarray) -> Image.Image:
 
 
 def save_png(a: np.ndarray, path: str | Path, params: dict[str, Any] | None = None) -> Path:
-    """Save an (H, W, C) uint8 array as PNG, with `params` as JSON in a text chunk; atomic."""
+    """Save an (H, W, C) uint8 array as PNG, with `params` as JSON in a text chunk (and a "prompt" of the params
+    in a chunk of its own); atomic."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = PngImagePlugin.PngInfo()
     if params is not None:
         info.add_text(PARAMS_KEY, json.dumps(params, sort_keys=True))
+        if isinstance(params.get(PROMPT_KEY), str):
+            info.add_text(PROMPT_KEY, params[PROMPT_KEY])
     with atomic_path(path) as tmp:
         _pil(a).save(tmp, format="PNG", pnginfo=info)
     return path

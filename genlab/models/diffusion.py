@@ -184,7 +184,7 @@ class DiffusionModel(GenerativeModel):
         super().__init__(config)
         _check(config)
         self.num_classes = config.num_classes if config.class_cond else 0
-        self.net = BACKBONES.get(config.backbone).from_config(config, self.num_classes)
+        self.net = BACKBONES.get(config.backbone).from_config(config, self.num_classes, **self.backbone_kwargs())
         self.autoencoder = _frozen_autoencoder(config)  # latent diffusion; None in pixel space
         if self.autoencoder is not None:  # its bounds would be over latents, not pixels
             self.likelihood, self.likelihood_estimators = Likelihood.NONE, ()
@@ -202,6 +202,14 @@ class DiffusionModel(GenerativeModel):
         self.register_buffer("alpha_bar", alpha_bar.float(), persistent=False)
         self.register_buffer("sigmas", sigma_from_alpha_bar(alpha_bar).float(), persistent=False)
 
+    def backbone_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments of the backbone's `from_config` (a text family adds its `context_dim`)."""
+        return {}
+
+    def backbone(self, x: Tensor, t: Tensor, cond: Any) -> Tensor:
+        """The network F(x, t, cond); a family with another kind of condition unpacks it here."""
+        return self.net(x, t, cond)
+
     @classmethod
     def build(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
         """Fill image_size, channels and num_classes from `dataset.info` where the config leaves them at 0."""
@@ -210,7 +218,7 @@ class DiffusionModel(GenerativeModel):
         return cls._with_autoencoder(config, dataset) if config.autoencoder else cls(config)
 
     @classmethod
-    def _with_autoencoder(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
+    def _with_autoencoder(cls, config: DiffusionConfig, dataset: Any, **kwargs: Any) -> DiffusionModel:
         """Latent diffusion (Rombach et al. 2022, sec. 3.3): load the trained autoencoder, take the latent scale
         as 1 / std of the first LATENT_SCALE_ITEMS training latents (app. G) unless the config sets it, and size
         the denoiser for latents. The autoencoder's weights become part of this model's, so its folder is
@@ -229,7 +237,7 @@ class DiffusionModel(GenerativeModel):
             scale = latent_scaling_factor(encode_dataset(ae, dataset, limit=LATENT_SCALE_ITEMS).latents)
         c, h, _ = ae.latent_shape
         model = cls(dataclasses.replace(config, image_size=h, channels=c, autoencoder_config=to_dict(ae.config),
-                                        latent_scale=scale))
+                                        latent_scale=scale), **kwargs)
         model.autoencoder.load_state_dict(ae.state_dict())
         return model
 
@@ -261,8 +269,8 @@ class DiffusionModel(GenerativeModel):
         x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
         target = vp_target(x0, eps, sigma, cfg.prediction)
         if not cfg.min_snr_gamma:
-            return {"loss": F.mse_loss(self.net(x_t, t, y), target)}
-        per_item = ((self.net(x_t, t, y) - target) ** 2).flatten(1).mean(1)
+            return {"loss": F.mse_loss(self.backbone(x_t, t, y), target)}
+        per_item = ((self.backbone(x_t, t, y) - target) ** 2).flatten(1).mean(1)
         return {"loss": (min_snr_weight(sigma, cfg.min_snr_gamma, cfg.prediction) * per_item).mean()}
 
     def training_labels(self, batch: dict[str, Any], device: torch.device) -> Tensor | None:
@@ -283,7 +291,7 @@ class DiffusionModel(GenerativeModel):
         else:
             c_skip, c_out, c_in = vp_scalings(sigma, self.config.prediction)
             c_noise = sigma_to_t(sigma, self.sigmas, quantize)
-        return denoised(x, self.net(x * c_in.view(-1, 1, 1, 1), c_noise, cond), c_skip, c_out)
+        return denoised(x, self.backbone(x * c_in.view(-1, 1, 1, 1), c_noise, cond), c_skip, c_out)
 
     def sampling_sigmas(self, steps: int, spacing: str = "leading", schedule: str | None = None) -> Tensor:
         """The sigmas of a `steps`-step sampler, ending in 0: the `schedule` (karras, exponential, uniform, or a
@@ -319,6 +327,11 @@ class DiffusionModel(GenerativeModel):
             return None
         return class_labels(n, cond, self.num_classes)
 
+    def sampling_condition(self, n: int, cond: Any, device: torch.device) -> Any:
+        """The `cond` the denoiser is called with for `sample(n, cond)`: labels on `device` (None: unconditional)."""
+        labels = self.labels_for(n, cond)
+        return labels.to(device) if labels is not None else None
+
     @torch.no_grad()
     def sample(self, n: int, cond: Any = None, generator: Generators = None, *, sampler: str = "ddim",
                steps: int = 50, spacing: str = "leading", schedule: str | None = None,
@@ -337,8 +350,7 @@ class DiffusionModel(GenerativeModel):
         run = SAMPLERS.get(sampler)
         opts = sampler_options(sampler, **sampler_opts)
         device = self.alpha_bar.device
-        labels = self.labels_for(n, cond)
-        labels = labels.to(device) if labels is not None else None
+        labels = self.sampling_condition(n, cond, device)
         sigmas = self.sampling_sigmas(steps, spacing, schedule).to(device)
         c, s = self.config.channels, self.config.image_size
         noise = randn((n, c, s, s), generator, device)

@@ -7,12 +7,33 @@ as in Karras et al. 2022; the network and the sampler never know of each other.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
+
+
+@runtime_checkable
+class BatchedCondition(Protocol):
+    """A condition a family defines beyond a tensor of labels (e.g. text token embeddings with their mask): a
+    batch of `len(cond)` items that concatenates with another of its kind; guidance batches the conditional and
+    null (or negative) halves with it, and never looks inside."""
+
+    def __len__(self) -> int: ...
+
+    def cat(self, other: Any) -> Any: ...
+
+
+def cat_conditions(cond: Any, other: Any) -> Any:
+    """One batch of two conditions of the same kind: label tensors concatenate, a `BatchedCondition` concatenates
+    itself."""
+    if isinstance(cond, Tensor):
+        return torch.cat([cond, other])
+    if isinstance(cond, BatchedCondition):
+        return cond.cat(other)
+    raise TypeError(f"cannot batch a condition of type {type(cond).__name__}")
 
 
 def to_d(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
@@ -34,7 +55,7 @@ def classifier_free_guidance(denoiser: Denoiser, scale: float, null_cond: Any, r
     """D_null + scale * (D_cond - D_null), one batched call (Ho & Salimans 2022, eq. 6 with scale = 1 + w);
     `null_cond` is the null class or a negative condition, `rescale` > 0 applies guidance rescale."""
     def guided(x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
-        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, null_cond]))
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), cat_conditions(cond, null_cond))
         d_cond, d_null = both.chunk(2)
         d_guided = d_null + scale * (d_cond - d_null)
         return rescale_guidance(x, sigma, d_guided, d_cond, rescale) if rescale else d_guided
