@@ -171,7 +171,7 @@ class FSQ(nn.Module):
 def codebook_usage(counts: Tensor) -> dict[str, float]:
     """From how often each code was chosen (K,): the share of codes used at least once, and the perplexity
     exp(H(p)) of the code distribution (K when all are equally used)."""
-    used = float((counts > 0).float().mean())
+    used = int((counts > 0).sum()) / counts.numel()
     p = counts.double() / counts.sum().clamp(min=1)
     entropy = -(p * p.clamp(min=1e-30).log()).sum()
     return {"codebook_usage": used, "codebook_perplexity": float(entropy.exp())}
