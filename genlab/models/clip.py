@@ -201,6 +201,11 @@ class CLIP(GenerativeModel):
         z = self.image_features(x).pooled
         return F.normalize(z, dim=-1) if normalize else z
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the image tower reads (CLIP draws none)."""
+        return (self.config.channels, self.config.image_size, self.config.image_size)
+
     def scale(self) -> Tensor:
         """exp(t), the inverse temperature, at most `max_logit_scale`."""
         return self.logit_scale.clamp(0, math.log(self.config.max_logit_scale)).exp()
@@ -323,7 +328,8 @@ def _check_config(c: CLIPConfig) -> None:
         raise GenlabError(f"model.text_width={c.text_width} must be model.text_heads={c.text_heads} times an even "
                           "head size (RoPE)")
     check_number("model.max_logit_scale", c.max_logit_scale, 1, 1e4)
-    check_number("model.init_logit_scale", c.init_logit_scale, 0, math.log(c.max_logit_scale))
+    check_number("model.init_logit_scale", c.init_logit_scale, 0, math.log(c.max_logit_scale),
+                 hint="a log: at most log(model.max_logit_scale)")
     if c.image_tower == "vit":
         check_int("model.vision_heads", c.vision_heads, 1, c.vision_width)
         check_int("model.patch_size", c.patch_size, 1, c.image_size)
