@@ -408,3 +408,32 @@ def test_api_image_parts_follow_the_models_capability(server, client):
     assert r.choices[0].message.content == cap.tokenizer.decode(ref.tokens[0])
     with pytest.raises(openai.BadRequestError, match="answers about an image"):
         client.chat.completions.create(model="cap", messages=[{"role": "user", "content": "the"}], max_tokens=5)
+
+
+def test_queued_jobs_join_a_running_batch(tmp_path):
+    """A worker running job A takes job B (queued, same model) into its batch; both texts equal decoding alone."""
+    from genlab.serve.jobs import WorkerContext
+    from genlab.serve.limits import Limits
+    from genlab.serve.pool import ModelPool
+    from genlab.serve.store import Store
+    from genlab.serve.text_api import KIND_CHAT, KIND_COMPLETION, prepare, run_text
+
+    trained_gpt().save_pretrained(tmp_path / "models" / "tiny")
+    pool, limits, store = ModelPool(tmp_path / "models"), Limits(), Store(tmp_path / "data")
+    bodies = [(KIND_COMPLETION, {"model": "tiny", "prompt": "the", "max_tokens": 25, "temperature": 0}),
+              (KIND_CHAT, {"model": "tiny", "messages": [{"role": "user", "content": "a quick"}], "max_tokens": 9,
+                           "temperature": 0}),
+              (KIND_COMPLETION, {"model": "tiny", "prompt": "over", "max_tokens": 12, "temperature": 0, "n": 2})]
+    jobs = []
+    for kind, body in bodies:
+        p = prepare(kind, body, pool, limits, store)
+        jobs.append(store.submit(kind, p.model, p.params, p.seed, p.batch_key, p.cost)[0])
+    first = store.claim("w0", [KIND_COMPLETION, KIND_CHAT], 1)
+    assert [j.id for j in first] == [jobs[0].id]
+    run_text(first, pool.get("tiny"), WorkerContext(store, limits, "w0"))
+    done = [store.get(j.id) for j in jobs]
+    assert [j.state for j in done] == ["done"] * 3 and {j.attempts for j in done} == {1}
+    for j in done:
+        for k, c in enumerate(j.result["choices"]):
+            prompt = j.params["prompts"][k // j.params["n"]]
+            assert c["text"] == reference_text(prompt, j.params["max_tokens"])
