@@ -71,7 +71,7 @@ class Registry(Generic[T]):
 MODELS: Registry[type] = Registry("model family", [
     "genlab.models.diffusion", "genlab.models.autoencoder", "genlab.models.gpt", "genlab.models.vae",
     "genlab.models.flow", "genlab.models.gan",
-    "genlab.models.flow_matching", "genlab.models.pixel_ar", "genlab.models.vq",
+    "genlab.models.flow_matching", "genlab.models.pixel_ar", "genlab.models.vq", "genlab.models.tarflow",
     "genlab.models.clip", "genlab.models.t2i",
     "genlab.models.captioner"])
 DATASETS: Registry[Callable] = Registry("dataset", ["genlab.data.builtin", "genlab.data.stacked_mnist",
