@@ -33,7 +33,7 @@ STEPS = 8  # sampling steps of most requests: the tiny model is fast, the tests 
 
 
 def make_models(root: Path) -> Path:
-    """A tiny class-conditional DDPM (16x16 MNIST, 20 training steps) and an untrained unconditional one."""
+    """A tiny class-conditional DDPM (16x16 MNIST, 10 training steps) and an untrained unconditional one."""
     import torch.nn.functional as F
 
     from genlab.data import load_dataset
@@ -49,8 +49,8 @@ def make_models(root: Path) -> Path:
         ds = load_dataset("mnist").subset(128)
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
         g = torch.Generator().manual_seed(0)
-        for _ in range(20):
-            batch = ds.get_batch(torch.randint(0, len(ds), (32,), generator=g).tolist())
+        for _ in range(10):
+            batch = ds.get_batch(torch.randint(0, len(ds), (16,), generator=g).tolist())
             batch["x"] = F.interpolate(batch["x"], size=16, mode="bilinear", antialias=True)
             loss = model.training_losses(batch)["loss"]
             opt.zero_grad()
@@ -496,3 +496,77 @@ def test_concurrent_openai_clients(server):
     db = sqlite3.connect(server.data / "genlab.sqlite3")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
+
+
+# -- durability (the store-level checks without a server are in test_serve_store.py) ------------
+@pytest.mark.slow
+def test_sigkill_mid_batch_then_restart_finishes_every_job_and_keeps_outputs(models_dir, tmp_path):
+    data = tmp_path / "data"
+    server = Server(models_dir, data).start()
+    try:
+        with server.client() as c:
+            first = c.post("/v1/images/generations", json={"model": "uncond", "steps": 4, "seed": 1})
+            assert first.status_code == 200
+            kept = first.json()["data"][0]["id"]
+            kept_bytes = c.get(f"/v1/outputs/{kept}").content
+            jobs = {}
+            for i in range(4):
+                params = {"model": "tiny", "steps": 24, "n": 2, "seed": 50 + 10 * i, "label": i}
+                r = c.post("/v1/jobs", json={"kind": "image.generation", "params": params},
+                           headers={"Idempotency-Key": f"restart-{i}"})
+                jobs[r.json()["id"]] = params
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # kill it mid-batch
+                states = [c.get(f"/v1/jobs/{j}").json() for j in jobs]
+                if any(s["state"] == "running" and s["progress"] > 0.1 for s in states):
+                    break
+                time.sleep(0.05)
+            assert not any(s["state"] == "done" for s in states)
+        server.kill()  # SIGKILL
+        server = Server(models_dir, data).start()
+        with server.client() as c:
+            ended = {j: wait_job(c, j, timeout=120) for j in jobs}
+            assert all(e["state"] == "done" for e in ended.values())
+            assert max(e["attempts"] for e in ended.values()) == 2  # the running batch ran again from scratch
+            assert c.get(f"/v1/outputs/{kept}").content == kept_bytes
+            for e in ended.values():
+                for d in e["result"]["data"]:
+                    assert c.get(f"/v1/outputs/{d['id']}").status_code == 200
+            # an idempotent retry returns the same job, now done
+            job_id, params = next(iter(jobs.items()))
+            again = c.post("/v1/jobs", json={"kind": "image.generation", "params": params},
+                           headers={"Idempotency-Key": "restart-0"})
+            assert again.status_code == 200 and again.json()["id"] == job_id and again.json()["state"] == "done"
+            # the rerun used the stored seed: its images are the offline ones
+            got = [png_array(c.get(f"/v1/outputs/{d['id']}").content)[0] for d in ended[job_id]["result"]["data"]]
+        want = offline(models_dir, "tiny", [50, 51], [0, 0], steps=24)
+        for g, w in zip(got, want):
+            assert np.abs(g.astype(int) - w.astype(int)).max() <= 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_worker_processes_share_the_queue_and_die_with_the_server(models_dir, tmp_path):
+    server = Server(models_dir, tmp_path / "data", "--workers", "2", key=None).start()
+    try:
+        children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
+        assert len(children) >= 1
+        with server.client() as c:
+            ids = []
+            for i in range(6):  # two models, so that two batches can run at once
+                params = {"model": ("tiny", "uncond")[i % 2], "steps": 30, "seed": i}
+                ids.append(c.post("/v1/jobs", json={"kind": "image.generation", "params": params}).json()["id"])
+            assert all(wait_job(c, j, timeout=180)["state"] == "done" for j in ids)
+        db = sqlite3.connect(data_file := tmp_path / "data" / "genlab.sqlite3")
+        workers = {w for (w,) in db.execute("SELECT worker FROM jobs")}
+        db.close()
+        assert workers == {"worker-0", "worker-1"}, (workers, data_file)
+        server.kill()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in children):
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{p}/cmdline").exists() and Path(f"/proc/{p}/cmdline").read_bytes()
+                       for p in children)
+    finally:
+        server.stop()

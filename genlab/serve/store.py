@@ -209,7 +209,7 @@ class Store:
             db.executemany("UPDATE jobs SET state = 'running', worker = ?, attempts = attempts + 1, progress = 0, "
                            "updated = ? WHERE id = ?", [(worker, now, j.id) for j in jobs])
         for j in jobs:
-            j.state = "running"
+            j.state, j.attempts, j.progress = "running", j.attempts + 1, 0.0
         return jobs
 
     def step(self, updates: dict[str, tuple[float, bytes | None]]) -> set[str]:
