@@ -393,3 +393,46 @@ def test_every_command_is_in_the_corpus():
 def test_corpus_ids_are_unique():
     ids = [c[0] for c in CORPUS]
     assert len(ids) == len(set(ids))
+
+
+# -- every image family's MNIST recipe: absurd sizes are one-line errors before anything is allocated or written -----
+FAMILY_SIZES: list[tuple[str, str, str]] = [
+    ("gan-width", "train mnist-gan --run-dir {w}/run --set model.z_dim=100000000", "model.z_dim"),
+    ("gan-depth", "train mnist-gan --run-dir {w}/run --set model.num_blocks=100000000",
+     "model.num_blocks"),
+    ("vae-width", "train mnist-vae --run-dir {w}/run --set model.z_channels=100000000",
+     "model.z_channels"),
+    ("vae-iwae", "train mnist-vae --run-dir {w}/run --set model.iwae_samples=10000000000",
+     "model.iwae_samples"),
+    ("flow-width", "train mnist-flow --run-dir {w}/run --set model.hidden=100000000", "model.hidden"),
+    ("flow-depth", "train mnist-flow --run-dir {w}/run --set model.steps=100000000", "model.steps"),
+    ("fm-width", "train mnist-fm --run-dir {w}/run --set model.base_channels=100000000",
+     "model.base_channels"),
+    ("pixelar-width", "train mnist-pixelar --run-dir {w}/run --set model.n_embd=100000000",
+     "model.n_embd"),
+    ("pixelar-depth", "train mnist-pixelar --run-dir {w}/run --set model.n_layer=100000000",
+     "model.n_layer"),
+    ("pixelar-temperature", "train mnist-pixelar --run-dir {w}/run --set model.preview_temperature=.nan",
+     "model.preview_temperature"),
+    ("vq-codebook", "train mnist-vq --run-dir {w}/run --set model.codebook_size=10000000000",
+     "model.codebook_size"),
+    ("vq-code-dim", "train mnist-vq --run-dir {w}/run --set model.code_dim=100000000", "model.code_dim"),
+    ("vq-fsq-levels", "train mnist-vq --run-dir {w}/run --set model.quantizer=fsq "
+     "--set model.fsq_levels=[256,256,256]", "model.fsq_levels"),
+    ("vq-quantizer", "train mnist-vq --run-dir {w}/run --set model.quantizer=lfq", "fsq"),
+    ("vq-prior-missing", "train mnist-vq-prior --run-dir {w}/run --set model.tokenizer={w}/nothing",
+     "nothing"),
+    ("vq-prior-not-vq", "train mnist-maskgit --run-dir {w}/run --set model.tokenizer={w}/diff",
+     "diffusion"),
+    ("tarflow-depth", "train mnist-tarflow --run-dir {w}/run --set model.blocks=100000000",
+     "model.blocks"),
+    ("tarflow-patch", "train mnist-tarflow --run-dir {w}/run --set model.patch_size=5",
+     "model.patch_size"),
+    ("tarflow-width", "train mnist-tarflow --run-dir {w}/run --set model.n_embd=100000000",
+     "model.n_embd"),
+]
+
+
+@pytest.mark.parametrize(("line", "fragment"), [c[1:] for c in FAMILY_SIZES], ids=[c[0] for c in FAMILY_SIZES])
+def test_family_recipe_sizes_are_one_line_errors(workspace, line, fragment, capsys, monkeypatch):
+    test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)

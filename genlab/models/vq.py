@@ -79,7 +79,6 @@ class VQConfig(ModelConfig):
 
 
 def _tokenizer_check(cfg: VQConfig) -> None:
-    check_blocks(_blocks_config(cfg))
     if cfg.quantizer not in QUANTIZERS:
         raise GenlabError(f"model.quantizer={cfg.quantizer!r} is unknown; choose one of: {', '.join(QUANTIZERS)}")
     check_int("model.codebook_size", cfg.codebook_size, 2, MAX_CODES, "the codebook and its distances grow with it")
@@ -94,6 +93,7 @@ def _tokenizer_check(cfg: VQConfig) -> None:
     if math.prod(cfg.fsq_levels) > MAX_CODES:
         raise GenlabError(f"model.fsq_levels {list(cfg.fsq_levels)} make {math.prod(cfg.fsq_levels):,} codes; at most "
                           f"{MAX_CODES:,}")
+    check_blocks(_blocks_config(cfg))  # after the code size, which sets the latent's channels
 
 
 def _code_dim(cfg: VQConfig) -> int:
