@@ -298,3 +298,41 @@ def test_cli_empty_prompt_draws_the_unconditional_model(trained, tmp_path):
                  "--out", str(tmp_path / "e.png")]) == 0
     assert read_params(tmp_path / "e.png")["prompt"] == ""
     assert main(["sample", str(trained), "--prompt-file", str(tmp_path / "empty.txt"), "--n", "1"]) == 2
+
+
+# -- latent space and emoji captions -----------------------------------------------------------------
+def test_latent_text_model_builds_over_an_autoencoder_and_keeps_it_in_its_folder(tmp_path):
+    from genlab.data.base import DatasetInfo, ImageDataset
+    from genlab.models.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    ae = AutoencoderKL(AutoencoderConfig(image_size=16, channels=3, base_channels=8, channel_mults=(1, 2),
+                                         norm_groups=4, z_channels=2))
+    ae.save_pretrained(tmp_path / "ae")
+    images = np.random.default_rng(0).integers(0, 255, (8, 16, 16, 3), dtype=np.uint8)
+    info = DatasetInfo(name="tiny", kind="image", size=8, license="-", attribution="-", channels=3, image_size=16)
+    data = ImageDataset(images, info, captions=CAPTIONS * 2)
+    cfg = TextDiffusionConfig(autoencoder=str(tmp_path / "ae"), base_channels=8, channel_mults=(1,),
+                              num_res_blocks=1, attention_resolutions=(8,), head_channels=8, norm_groups=4,
+                              timesteps=50, text_width=16, text_depth=1, vocab=300)
+    m = TextDiffusionModel.build(cfg, data).eval()
+    assert (m.config.channels, m.config.image_size) == (2, 8) and m.config.max_tokens >= 3
+    batch = m.prepare_data(data).get_batch([0, 1, 2])
+    assert batch["text"] == CAPTIONS[:3]  # latents keep their captions
+    assert torch.isfinite(m.training_losses(batch)["loss"])
+    m.save_pretrained(tmp_path / "m")
+    again = GenerativeModel.from_pretrained(tmp_path / "m")
+    kw = {"sampler": "ddim", "steps": 2, "guidance": Guidance(3.0, negative="a blue square")}
+    x = again.sample(2, "a red circle", generator=_gens(2), **kw)
+    assert x.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(x, m.sample(2, "a red circle", generator=_gens(2), **kw))
+
+
+def test_emoji_captions_name_the_category_when_asked():
+    from genlab.config import DataConfig
+    from genlab.data import load_dataset
+
+    names = load_dataset(DataConfig(name="twemoji", max_items=2))
+    full = load_dataset(DataConfig(name="twemoji", caption="name+category", max_items=2))
+    assert full.captions[0].startswith(names.captions[0] + ", ") and full.captions[0].count(",") >= 2
+    with pytest.raises(GenlabError, match="data.caption"):
+        load_dataset(DataConfig(name="twemoji", caption="emoji"))

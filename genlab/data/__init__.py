@@ -19,7 +19,8 @@ def load_dataset(cfg: DataConfig | str, split: str | None = None) -> ImageDatase
         cfg = DataConfig(name=cfg)
     split = split or cfg.split
     if cfg.name in DATASETS:
-        ds = DATASETS.get(cfg.name)(split=split, image_size=cfg.image_size, label=cfg.label)
+        caption = {"caption": cfg.caption} if cfg.caption else {}  # only datasets with a choice of captions read it
+        ds = DATASETS.get(cfg.name)(split=split, image_size=cfg.image_size, label=cfg.label, **caption)
     else:
         path = Path(cfg.name).expanduser()
         if path.is_dir():

@@ -56,8 +56,19 @@ def mnist(split: str = "train", image_size: int | None = None, **_: object) -> I
     return _resize(ds, image_size)
 
 
+EMOJI_CAPTIONS = ("name", "name+category")
+
+
+def emoji_caption(name: str, category: str, subcategory: str, kind: str = "name") -> str:
+    """An emoji's caption: its name, or (name+category) its name, subcategory and category, e.g. "grinning face,
+    face smiling, smileys & emotion"."""
+    if kind == "name":
+        return name
+    return f"{name}, {subcategory.replace('-', ' ')}, {category.lower()}"
+
+
 def _emoji(file: str, name: str, license_: str, attribution: str, split: str, image_size: int | None,
-           label: str | None) -> ImageDataset:
+           label: str | None, caption: str | None = None) -> ImageDataset:
     """Emoji tiles (RGB on white); test split is `sort_order % 10 == 9`, spread over categories."""
     valid = ("train", "test", "all")
     _check_split(name, split, valid)
@@ -68,6 +79,8 @@ def _emoji(file: str, name: str, license_: str, attribution: str, split: str, im
     if split != "all":
         is_test = z["sort_order"] % 10 == 9
         mask = is_test if split == "test" else ~is_test
+    if caption not in (None, *EMOJI_CAPTIONS):
+        raise GenlabError(f"emoji captions can be {' or '.join(EMOJI_CAPTIONS)}, not {caption!r}; set data.caption")
     label_key = label or "category"
     if label_key not in ("category", "subcategory"):
         raise GenlabError(f"emoji labels can come from 'category' or 'subcategory', not {label_key!r}")
@@ -77,24 +90,26 @@ def _emoji(file: str, name: str, license_: str, attribution: str, split: str, im
         name=name, kind="image", size=int(mask.sum()), license=license_, attribution=attribution,
         channels=3, image_size=int(z[key].shape[1]), class_names=class_names,
     )
-    ds = ImageDataset(z[key][mask], info, labels=labels, captions=[str(s) for s in z["name"][mask]])
+    captions = [emoji_caption(str(n), str(c), str(s), caption or "name")
+                for n, c, s in zip(z["name"][mask], z["category"][mask], z["subcategory"][mask])]
+    ds = ImageDataset(z[key][mask], info, labels=labels, captions=captions)
     return _resize(ds, image_size)
 
 
 @DATASETS.register("twemoji")
-def twemoji(split: str = "train", image_size: int | None = None, label: str | None = None, **_: object
-            ) -> ImageDataset:
-    """1,911 Twemoji at 32px or 64px; names as captions, categories as labels."""
+def twemoji(split: str = "train", image_size: int | None = None, label: str | None = None,
+            caption: str | None = None, **_: object) -> ImageDataset:
+    """1,911 Twemoji at 32px or 64px; names (or names + categories) as captions, categories as labels."""
     return _emoji("twemoji.npz", "twemoji", "CC BY 4.0 (graphics); MIT (metadata)", TWEMOJI_ATTRIBUTION,
-                  split, image_size, label)
+                  split, image_size, label, caption)
 
 
 @DATASETS.register("noto")
-def noto(split: str = "train", image_size: int | None = None, label: str | None = None, **_: object
-         ) -> ImageDataset:
-    """1,911 Noto Emoji at 32px or 64px; names as captions, categories as labels."""
+def noto(split: str = "train", image_size: int | None = None, label: str | None = None,
+         caption: str | None = None, **_: object) -> ImageDataset:
+    """1,911 Noto Emoji at 32px or 64px; names (or names + categories) as captions, categories as labels."""
     return _emoji("noto.npz", "noto", "Apache-2.0 (graphics); MIT (metadata)", NOTO_ATTRIBUTION,
-                  split, image_size, label)
+                  split, image_size, label, caption)
 
 
 def _read_text(file: str) -> str:

@@ -363,18 +363,21 @@ def psnr(mse: Tensor) -> Tensor:
 
 
 class LatentDataset:
-    """A dataset's images replaced by autoencoder latents (posterior means) times `scale`, labels kept: what
-    latent diffusion trains on (Rombach et al. 2022, sec. 3.3)."""
+    """A dataset's images replaced by autoencoder latents (posterior means) times `scale`, labels and captions kept:
+    what latent diffusion trains on (Rombach et al. 2022, sec. 3.3)."""
 
-    def __init__(self, latents: Tensor, labels: Tensor, info: Any) -> None:
-        self.latents, self.labels, self.info = latents, labels, info
+    def __init__(self, latents: Tensor, labels: Tensor, info: Any, captions: list[str] | None = None) -> None:
+        self.latents, self.labels, self.info, self.captions = latents, labels, info, captions
 
     def __len__(self) -> int:
         return self.latents.shape[0]
 
     def get_batch(self, idx: Tensor | list[int]) -> dict[str, Any]:
         idx = torch.as_tensor(idx, dtype=torch.long)
-        return {"x": self.latents[idx], "label": self.labels[idx]}
+        batch: dict[str, Any] = {"x": self.latents[idx], "label": self.labels[idx]}
+        if self.captions is not None:
+            batch["text"] = [self.captions[i] for i in idx.tolist()]
+        return batch
 
 
 @torch.no_grad()
@@ -385,18 +388,19 @@ def encode_dataset(ae: AutoencoderKL, dataset: Any, scale: float = 1.0, limit: i
     n = len(dataset) if limit is None else min(limit, len(dataset))
     was_training = ae.training
     ae.eval()
-    latents, labels = [], []
+    latents, labels, captions = [], [], []
     try:
         bar = tqdm(total=n, desc="encoding", unit="img", leave=False)
         for start in range(0, n, batch_size):
             batch = dataset.get_batch(torch.arange(start, min(start + batch_size, n)))
             latents.append(ae.encode(batch["x"].to(device))[0].float().cpu() * scale)
             labels.append(batch["label"])
+            captions += batch.get("text", [])
             bar.update(len(batch["label"]))
         bar.close()
     finally:
         ae.train(was_training)
-    return LatentDataset(torch.cat(latents), torch.cat(labels), dataset.info)
+    return LatentDataset(torch.cat(latents), torch.cat(labels), dataset.info, captions if captions else None)
 
 
 def latent_scaling_factor(latents: Tensor) -> float:
