@@ -37,6 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=200, help="sampling steps per request")
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (uploads included)")
     p.add_argument("--max-batch", type=int, default=64, help="images a worker draws in one batch")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="after claiming a batch with room left, wait "
+                   "this long for compatible requests to join it (0: never wait)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a synchronous request waits for its job")
     p.add_argument("--memory-budget-mb", type=float, default=4096.0, help="weights a worker keeps loaded; past it "
                    "the least recently used model is unloaded")
@@ -56,6 +58,7 @@ def _check_args(args: argparse.Namespace) -> None:
     check_int("--max-batch", args.max_batch, 1, 10_000)
     check_number("--max-body-mb", args.max_body_mb, 0.001, 1024)
     check_number("--timeout", args.timeout, 0.1, 86_400)
+    check_number("--batch-wait-ms", args.batch_wait_ms, 0, 10_000)
     check_number("--memory-budget-mb", args.memory_budget_mb, 0, 10**7)
     check_device("--device", args.device)
     try:
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     digests = read_key_file(args.api_key_file) if args.api_key_file else []
     data = Path(args.data or Path(args.models) / ".serve")
     limits = Limits(max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=int(args.max_body_mb * 2**20),
-                    max_queue=args.max_queue, timeout_s=args.timeout, max_batch=args.max_batch)
+                    max_queue=args.max_queue, timeout_s=args.timeout, max_batch=args.max_batch,
+                    batch_wait_s=args.batch_wait_ms / 1000)
     store = Store(data)
     requeued = store.requeue_running()  # a killed server's running jobs run again, from scratch, same seed
     pool = ModelPool(args.models, args.memory_budget_mb, device)

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,6 +111,10 @@ class Worker:
         jobs = self.store.claim(self.name, sorted(JOB_KINDS), self.limits.max_batch)
         if not jobs:
             return False
+        room = self.limits.max_batch - sum(j.cost for j in jobs)
+        if room > 0 and self.limits.batch_wait_s > 0:  # compatible requests arriving right now join this batch
+            time.sleep(self.limits.batch_wait_s)
+            jobs += self.store.claim_key(self.name, jobs[0].batch_key, room)
         kind = JOB_KINDS[jobs[0].kind]
         try:
             model = self.pool.get(jobs[0].model)

@@ -26,6 +26,7 @@ class Limits:
     max_queue: int = 256  # jobs queued or running
     timeout_s: float = 300.0  # a synchronous request waits this long for its job
     max_batch: int = 64  # images one worker draws in one batch
+    batch_wait_s: float = 0.02  # after claiming a batch with room, wait this long for compatible requests to join
 
 
 def hash_key(key: str) -> str:

@@ -192,22 +192,37 @@ class Store:
         if not kinds:
             return []
         marks = ",".join("?" * len(kinds))
+        db = self._conn()
+        if db.execute(f"SELECT 1 FROM jobs WHERE state = 'queued' AND kind IN ({marks}) LIMIT 1", kinds).fetchone() \
+                is None:  # a cheap read while idle; the write transaction only when a job waits
+            return []
         with self._tx() as db:
-            first = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'queued' AND kind IN ({marks}) "
+            first = db.execute(f"SELECT batch_key FROM jobs WHERE state = 'queued' AND kind IN ({marks}) "
                                "ORDER BY seq LIMIT 1", kinds).fetchone()
-            if first is None:
-                return []
-            rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'queued' AND batch_key = ? "
-                              "ORDER BY seq LIMIT 256", (first["batch_key"],)).fetchall()
-            jobs, total = [], 0
-            for row in rows:
-                if jobs and total + row["cost"] > max_cost:
-                    break
-                jobs.append(Job.from_row(row))
-                total += row["cost"]
-            now = time.time()
-            db.executemany("UPDATE jobs SET state = 'running', worker = ?, attempts = attempts + 1, progress = 0, "
-                           "updated = ? WHERE id = ?", [(worker, now, j.id) for j in jobs])
+            return self._take(db, worker, first["batch_key"], max_cost, at_least_one=True) if first else []
+
+    def claim_key(self, worker: str, batch_key: str, max_cost: int) -> list[Job]:
+        """Atomically take queued jobs with this batch key, oldest first, up to `max_cost` (possibly none): the
+        jobs that join a batch already running (or about to)."""
+        if max_cost < 1 or self._conn().execute("SELECT 1 FROM jobs WHERE state = 'queued' AND batch_key = ? "
+                                                "LIMIT 1", (batch_key,)).fetchone() is None:
+            return []
+        with self._tx() as db:
+            return self._take(db, worker, batch_key, max_cost, at_least_one=False)
+
+    @staticmethod
+    def _take(db: sqlite3.Connection, worker: str, batch_key: str, max_cost: int, at_least_one: bool) -> list[Job]:
+        rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'queued' AND batch_key = ? "
+                          "ORDER BY seq LIMIT 256", (batch_key,)).fetchall()
+        jobs, total = [], 0
+        for row in rows:
+            if (jobs or not at_least_one) and total + row["cost"] > max_cost:
+                break
+            jobs.append(Job.from_row(row))
+            total += row["cost"]
+        now = time.time()
+        db.executemany("UPDATE jobs SET state = 'running', worker = ?, attempts = attempts + 1, progress = 0, "
+                       "updated = ? WHERE id = ?", [(worker, now, j.id) for j in jobs])
         for j in jobs:
             j.state, j.attempts, j.progress = "running", j.attempts + 1, 0.0
         return jobs
