@@ -24,6 +24,7 @@ COMMANDS = {
     "sample": "draw images from a diffusion model (DDIM, DDPM, classifier-free guidance) into PNGs",
     "eval": "measure a model (FID, KID, IS, precision/recall, bits/dim) or train a dataset's feature network",
     "embed": "turn texts and images into vectors with a CLIP model (.npy or .json)",
+    "caption": "describe images with an image-to-text model (LLaVA-style captioner)",
     "serve": "serve models over an OpenAI-compatible HTTP API with a durable job queue and batching",
 }
 

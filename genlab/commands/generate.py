@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a GPT model folder (genlab's or an exported Hugging Face Llama folder)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch; default: empty)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
+    p.add_argument("--image", default=None, help="an image file, for a model that takes images (a captioner): each "
+                   "prompt is a question about it (default: describe it)")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
@@ -46,6 +48,11 @@ def _check_args(args: argparse.Namespace) -> None:
     """Every option on its own and against the others, before a model is loaded."""
     check_int("--n", args.n, 1, MAX_SAMPLES)
     check_int("--threads", args.threads, 0)
+    if args.image is not None:
+        for flag, given in (("--draft", args.draft), ("--int8", args.int8), ("--chat", args.chat)):
+            if given:
+                raise GenlabError(f"{flag} does not work with --image (questions about an image take the model's own "
+                                  "chat template, in float); drop one of them")
     if args.gamma is not None and not args.draft:
         raise GenlabError("--gamma sets the tokens drafted per speculative step: it needs --draft")
     if args.draft:
@@ -85,11 +92,40 @@ def _prompt_ids(tok, text: str, chat: bool) -> list[int]:
 
 
 def _load(path: str, int8: bool):
+    """A language model folder (genlab's or a Hugging Face Llama folder; or a run folder), or any family whose
+    output is text."""
+    from genlab.models.base import GenerativeModel, Output, read_model_meta, resolve_model_dir
     from genlab.models.gpt import GPT
     from genlab.nn.quant import quantize_int8
 
-    model = GPT.from_pretrained(path).eval()
+    path = resolve_model_dir(path)
+    if read_model_meta(path)[1].get("model_type") == "llama":
+        model = GPT.from_pretrained(path).eval()
+    else:
+        model = GenerativeModel.from_pretrained(path).eval()
+    if model.output is not Output.TEXT:
+        raise GenlabError(f"{path} holds a {model.family} model, which outputs {model.output.value}, not text; "
+                          "give a language model")
     return quantize_int8(model) if int8 else model
+
+
+def _image_prompts(model, args: argparse.Namespace, texts: list[str]):
+    """(language model, prompt ids, prefix): with --image, the model's image prompt for each question; without,
+    the prompts as text (or chat turns) for the model itself. Either is refused where the model cannot take it."""
+    from genlab.commands.caption import read_image
+    from genlab.models.base import Conditioning
+
+    takes_image = Conditioning.IMAGE in model.conditioning
+    if args.image is not None and not takes_image:
+        raise GenlabError(f"--image: this {model.family} model takes no image ({model.takes()}); drop --image")
+    if args.image is None and takes_image and Conditioning.NONE not in model.conditioning:
+        raise GenlabError(f"this {model.family} model answers about an image: give --image FILE")
+    questions = [t for t in texts for _ in range(args.n)]
+    if args.image is None:
+        return model, [_prompt_ids(model.tokenizer, t, args.chat) for t in questions], None
+    image = read_image(args.image, model.image_shape, "--image")
+    p = model.image_prompt(image.expand(len(questions), -1, -1, -1), questions)
+    return p.model, p.prompts, p.prefix
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,10 +145,11 @@ def run(args: argparse.Namespace) -> int:
     model = _load(args.model, args.int8)
     tok = model.tokenizer
     texts = args.prompt or [""]
-    prompts = [_prompt_ids(tok, t, args.chat) for t in texts for _ in range(args.n)]
+    model, prompts, prefix = _image_prompts(model, args, texts)
     _check_memory(model, cfg.num_beams if cfg.num_beams > 1 else len(prompts),
-                  max(map(len, prompts)) + cfg.max_new_tokens)
-    labels = ["" if args.chat else t for t in texts for _ in range(args.n)]  # chat: print the reply only
+                  max(map(len, prompts)) + cfg.max_new_tokens + (0 if prefix is None else prefix.shape[1]))
+    quiet = args.chat or prefix is not None  # chat and image questions: print the reply only
+    labels = ["" if quiet else t for t in texts for _ in range(args.n)]
     t0 = time.perf_counter()
     if args.draft:
         from genlab.sampling.speculative import speculative_generate
@@ -134,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         ids: list[int] = []
         shown = 0
         hold = max((len(s) for s in args.stop), default=1) - 1
-        for step in stream(model, prompts, cfg):
+        for step in stream(model, prompts, cfg, prefix=prefix):
             if not bool(step.active[0]):
                 break
             ids.append(int(step.tokens[0]))
@@ -150,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(text[shown:] + "\n")
         _report(len(ids), t0)
         return 0
-    out = generate(model, prompts, cfg)
+    out = generate(model, prompts, cfg, prefix=prefix)
     for i, (label, ids) in enumerate(zip(labels, out.tokens)):
         text, hit = cut_at_stop(tok.decode(ids), args.stop)
         reason = "stop" if hit else out.finish_reason[i]
