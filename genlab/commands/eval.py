@@ -24,7 +24,7 @@ from genlab.config import (
     check_output_path,
 )
 from genlab.errors import GenlabError
-from genlab.models.base import GenerativeModel, Likelihood, Output, SampleOption
+from genlab.models.base import Conditioning, GenerativeModel, Likelihood, Output, SampleOption
 from genlab.sampling.distributed import end, init_from_env, local_device
 
 EVAL_STEPS = 20  # sampling steps when --steps is not given, for a family that takes steps
@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "feature network of --data")
     p.add_argument("--data", default=None, help="dataset to compare with (default: the run's data.name)")
     p.add_argument("--split", default="test", help="reference split (default test)")
-    p.add_argument("--metrics", default="fid,kid,is,prc", help="comma list of fid,kid,is,prc,nll")
+    p.add_argument("--metrics", default="fid,kid,is,prc", help="comma list of fid,kid,is,prc,nll; caption for an "
+                   "image-to-text model (exact match and token F1 on shapes' seen and held-out images, --n of each)")
     p.add_argument("--n", type=int, default=5000, help="generated images (1..10000)")
     p.add_argument("--sampler", default=None, help="any registered sampler name (default: the family's, ddim)")
     p.add_argument("--steps", type=int, default=None, help=f"sampling steps (default {EVAL_STEPS})")
@@ -145,6 +146,9 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
     if "nll" in metrics and model.likelihood is Likelihood.NONE:
         raise GenlabError(f"this {model.family} model has no likelihood (nor a bound on it); leave nll out of "
                           f"--metrics (it gives: {model.takes()})")
+    if "caption" in metrics and not (Conditioning.IMAGE in model.conditioning and model.output is Output.TEXT):
+        raise GenlabError(f"caption measures answers about images, but this {model.family} model does not describe "
+                          f"images ({model.takes()}); leave caption out of --metrics")
     if args.nll_method is not None and args.nll_method not in model.likelihood_estimators:
         offered = ", ".join(model.likelihood_estimators) or "none: it has one, its own log_likelihood"
         raise GenlabError(f"--nll-method {args.nll_method}: the {model.family} family's estimators are {offered}")
@@ -180,6 +184,10 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
         result |= {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": float(bpd.std() / len(bpd) ** 0.5),
                    "nll_method": args.nll_method or (model.likelihood_estimators or ("dequantized log_likelihood",))[0],
                    "nll_n": len(bpd)}
+    if "caption" in metrics:
+        from genlab.eval.captioning import evaluate_captioner
+
+        result |= evaluate_captioner(model, args.n, seed=args.seed)
     nrow = None
     if images is not None and labels is not None:
         classes = labels.unique()
@@ -192,6 +200,13 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
     shown = {k: v for k, v in result.items() if k in ("fid", "kid", "kid_se", "is", "precision", "recall",
                                                         "density", "coverage", "bits_per_dim", "perplexity")}
     print(json.dumps(shown))
+    if "caption_eval" in result:
+        from genlab.eval.captioning import caption_table
+
+        table = caption_table(result)
+        print(table)
+        with paths["md"].open("a", encoding="utf-8") as f:
+            f.write("\n## Captions and answers (exact match, token F1)\n\n" + table + "\n")
     print(f"wrote {paths['json']} and {paths['md']}")
     return 0
 

@@ -25,7 +25,7 @@ from genlab.sampling.controls import Guidance
 from genlab.sampling.distributed import gather_shards, process_group, shard
 
 IMAGE_METRICS = ("fid", "kid", "is", "prc")
-ALL_METRICS = (*IMAGE_METRICS, "nll")
+ALL_METRICS = (*IMAGE_METRICS, "nll", "caption")  # caption: answers of an image-to-text model (eval/captioning.py)
 
 
 def parse_metrics(spec: str | Sequence[str]) -> list[str]:
