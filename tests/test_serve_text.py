@@ -5,6 +5,7 @@ per-request settings, joins and leaves mid-batch, stop strings; the OpenAI-shape
 from __future__ import annotations
 
 import functools
+import json
 import threading
 
 import pytest
@@ -437,3 +438,41 @@ def test_queued_jobs_join_a_running_batch(tmp_path):
         for k, c in enumerate(j.result["choices"]):
             prompt = j.params["prompts"][k // j.params["n"]]
             assert c["text"] == reference_text(prompt, j.params["max_tokens"])
+
+
+USER = [{"role": "user", "content": "the"}]
+
+
+@pytest.mark.parametrize("body", [
+    dict(messages=[]), dict(messages="hi"), dict(messages=[{"role": "robot", "content": "x"}]),
+    dict(messages=[{"role": "user"}]), dict(messages=[{"role": "user", "content": 5}]),
+    dict(messages=[{"role": "user", "content": "x", "extra": 1}]),
+    dict(messages=[{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]),
+    dict(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                 "image_url": {"url": "data:image/png;base64,@@"}}]}]),
+    dict(messages=[{"role": "user", "content": [{"type": "image_url",
+                                                 "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]),
+    dict(messages=USER, top_logprobs=2), dict(messages=USER, logprobs=True, top_logprobs=21),
+    dict(messages=USER, response_format={"type": "json_object"}), dict(messages=USER, n=5),
+    dict(messages=USER, max_completion_tokens=0), dict(messages=USER, stream="yes"),
+    dict(messages=USER, stream_options={"include_usage": "x"}), dict(messages=USER, temperature=float("nan")),
+    dict(messages=[{"role": "user", "content": "x" * 2001}]),
+])
+def test_api_bad_chats_get_4xx_and_the_server_goes_on(server, body):
+    import httpx
+
+    r = httpx.post(server[0] + "/v1/chat/completions", content=json.dumps({"model": "tiny"} | body), timeout=30,
+                   headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
+    assert r.json()["error"]["message"]
+    ok = httpx.post(server[0] + "/v1/chat/completions", json={"model": "tiny", "messages": USER, "max_tokens": 3},
+                    timeout=30)
+    assert ok.status_code == 200
+
+
+def test_api_malformed_json_is_a_400(server):
+    import httpx
+
+    r = httpx.post(server[0] + "/v1/completions", content=b'{"model": "tiny", "prompt": ', timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
