@@ -336,3 +336,31 @@ def test_emoji_captions_name_the_category_when_asked():
     assert full.captions[0].startswith(names.captions[0] + ", ") and full.captions[0].count(",") >= 2
     with pytest.raises(GenlabError, match="data.caption"):
         load_dataset(DataConfig(name="twemoji", caption="emoji"))
+
+
+def test_frozen_clip_text_tower_gives_clips_own_token_features_and_stays_frozen(tmp_path):
+    from genlab.data.base import DatasetInfo, ImageDataset
+    from genlab.models.clip import CLIP, CLIPConfig
+
+    images = np.random.default_rng(0).integers(0, 255, (8, 8, 8, 3), dtype=np.uint8)
+    info = DatasetInfo(name="tiny", kind="image", size=8, license="-", attribution="-", channels=3, image_size=8)
+    data = ImageDataset(images, info, captions=CAPTIONS * 2)
+    clip = CLIP.build(CLIPConfig(patch_size=4, vision_width=16, vision_layers=1, vision_heads=2, vocab=300,
+                                 context_length=16, text_width=16, text_layers=1, text_heads=2, embed_dim=8), data)
+    randomize_weights(clip)
+    clip.save_pretrained(tmp_path / "clip")
+    cfg = TextDiffusionConfig(text_encoder=str(tmp_path / "clip"), base_channels=8, channel_mults=(1,),
+                              num_res_blocks=1, attention_resolutions=(8,), head_channels=8, norm_groups=4,
+                              timesteps=50)
+    m = TextDiffusionModel.build(cfg, data)
+    c = m.encode_prompts(CAPTIONS)
+    peer = clip.text_features(CAPTIONS)
+    L = c.tokens.shape[1]
+    torch.testing.assert_close(c.mask, peer.mask[:, :L])
+    torch.testing.assert_close(c.tokens[c.mask], peer.tokens[:, :L][c.mask], atol=1e-5, rtol=1e-5)
+    m.train()
+    m.training_losses({"x": torch.rand(4, 3, 8, 8) * 2 - 1, "text": CAPTIONS})["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in m.text_encoder.parameters())
+    m.save_pretrained(tmp_path / "m")
+    again = GenerativeModel.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(again.encode_prompts(CAPTIONS).tokens, c.tokens)
