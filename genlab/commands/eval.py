@@ -24,6 +24,7 @@ from genlab.config import (
     check_output_path,
 )
 from genlab.errors import GenlabError
+from genlab.files import write_atomic
 from genlab.models.base import Conditioning, GenerativeModel, Likelihood, Output, SampleOption
 from genlab.sampling.distributed import end, init_from_env, local_device
 
@@ -53,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "families with one estimate use their log_likelihood")
     p.add_argument("--nll-t-samples", type=int, default=50, help="timesteps per image for the vlb estimate")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval or eval-<model>)")
+    p.add_argument("--geneval-prompts", type=int, default=100, help="geneval: prompts per category and split "
+                   "(seen, heldout), 1..100")
+    p.add_argument("--geneval-images", type=int, default=4, help="geneval: images per prompt (1..64)")
     p.add_argument("--retrain", action="store_true", help="features: retrain even when cached")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
 
@@ -106,6 +110,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_int("--kid-subset-size", args.kid_subset_size, 2)
     check_int("--nll-n", args.nll_n, 1)
     check_int("--nll-t-samples", args.nll_t_samples, 1, MAX_TIMESTEPS)
+    check_int("--geneval-prompts", args.geneval_prompts, 1, 100)
+    check_int("--geneval-images", args.geneval_images, 1, 64)
     if args.sampler is not None:
         SAMPLERS.get(args.sampler)
     if args.out is not None:
@@ -149,6 +155,9 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
     if "caption" in metrics and not (Conditioning.IMAGE in model.conditioning and model.output is Output.TEXT):
         raise GenlabError(f"caption measures answers about images, but this {model.family} model does not describe "
                           f"images ({model.takes()}); leave caption out of --metrics")
+    if "geneval" in metrics and not (Conditioning.TEXT in model.conditioning and model.output is Output.IMAGE):
+        raise GenlabError(f"geneval prompts a text-to-image model, but this {model.family} model does not draw "
+                          f"from text ({model.takes()}); leave geneval out of --metrics")
     if args.nll_method is not None and args.nll_method not in model.likelihood_estimators:
         offered = ", ".join(model.likelihood_estimators) or "none: it has one, its own log_likelihood"
         raise GenlabError(f"--nll-method {args.nll_method}: the {model.family} family's estimators are {offered}")
@@ -162,6 +171,7 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
         t0 = time.monotonic()
         images = sample_images(model.sample, args.n, args.seed, batch_size=args.batch, cond=labels, progress=True,
                                per_item_seeds=model.per_item_seeds, **opts)
+    geneval = _geneval_sample(args, model) if "geneval" in metrics else None
     if rank != 0:
         return 0
     if image_metrics:
@@ -207,6 +217,8 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
         print(table)
         with paths["md"].open("a", encoding="utf-8") as f:
             f.write("\n## Captions and answers (exact match, token F1)\n\n" + table + "\n")
+    if geneval is not None:
+        _geneval_write(geneval, result, out_dir)
     print(f"wrote {paths['json']} and {paths['md']}")
     return 0
 
@@ -226,3 +238,45 @@ def _perplexity(model: Any, data: str, split: str, max_blocks: int, device: str)
     if len(blocks) == 0:
         raise GenlabError(f"the {split} split has fewer than {L} tokens; evaluate on more text")
     return {**perplexity(model, blocks), "nll_method": "exact (autoregressive)", "nll_n": len(blocks)}
+
+
+def _geneval_sample(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """Shapes-GenEval's seen and held-out prompts drawn by a text-to-image model (each process its shard); the
+    prompts reach `sample` as `cond` through the family's own `labels_for`."""
+    from genlab.eval import geneval as G
+    from genlab.eval.report import family_sample_options, sample_images
+
+    opts = family_sample_options(model, args.sampler, args.steps or EVAL_STEPS, args.cfg)
+    drawn: dict[str, Any] = {}
+    t0 = time.monotonic()
+    for split in G.SPLITS:
+        specs = G.expand(G.prompt_specs(split, args.geneval_prompts), args.geneval_images)
+        prompts = model.labels_for(len(specs), [s.prompt for s in specs])
+        images = sample_images(model.sample, len(specs), args.seed, batch_size=args.batch, cond=prompts,
+                               progress=True, per_item_seeds=model.per_item_seeds, **opts)
+        drawn[split] = (specs, images)
+    sampling = {**sampling_params(model, opts), "seed": args.seed, "seconds": round(time.monotonic() - t0, 1)}
+    return {"drawn": drawn, "sampling": sampling, "prompts_per_category": args.geneval_prompts,
+            "images_per_prompt": args.geneval_images}
+
+
+def _geneval_write(geneval: dict[str, Any], result: dict[str, Any], out_dir: Path) -> None:
+    """Score the drawn images, add the table to `result` and write geneval.json / geneval.md and a grid."""
+    from genlab.data.images import save_grid
+    from genlab.eval import geneval as G
+
+    reader = G.get_reader(progress=True)
+    tables = {split: G.score(images, specs, reader) for split, (specs, images) in geneval["drawn"].items()}
+    extra = {"model": result["model"], "family": result["family"], "sampling": geneval["sampling"],
+             "prompts_per_category": geneval["prompts_per_category"],
+             "images_per_prompt": geneval["images_per_prompt"], "reader": reader.meta}
+    paths = G.write_geneval(tables, out_dir, extra)
+    specs, images = geneval["drawn"]["seen"]
+    first = [i for c in G.CATEGORIES for i in [j for j, s in enumerate(specs) if s.category == c][:8]]
+    save_grid(images[first], out_dir / "geneval_seen.png", nrow=8,
+              params={"prompts": [specs[i].prompt for i in first]})
+    result["geneval"] = tables
+    write_atomic(out_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    print(G.markdown_table(tables))
+    print(f"wrote {paths['json']} and {paths['md']}")
+

@@ -26,6 +26,8 @@ from genlab.sampling.distributed import gather_shards, process_group, shard
 
 IMAGE_METRICS = ("fid", "kid", "is", "prc")
 ALL_METRICS = (*IMAGE_METRICS, "nll", "caption")  # caption: answers of an image-to-text model (eval/captioning.py)
+# geneval: Shapes-GenEval prompt adherence of a text-to-image model (eval/geneval.py)
+ALL_METRICS = (*ALL_METRICS, "geneval")
 
 
 def parse_metrics(spec: str | Sequence[str]) -> list[str]:
