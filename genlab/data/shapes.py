@@ -298,13 +298,14 @@ def sample_scene(rng: random.Random, heldout: bool) -> Scene:
     if heldout:
         return _heldout_scene(kind, rng)
     while True:
-        scene = _scene(kind, rng, SEEN_PAIRS)
+        scene = scene_of_kind(kind, rng, SEEN_PAIRS)
         if not heldout_elements(scene.objects):
             return scene
 
 
-def _scene(kind: str, rng: random.Random, allowed: list[tuple[str, str]],
-           first: tuple[str, str] | None = None) -> Scene:
+def scene_of_kind(kind: str, rng: random.Random, allowed: list[tuple[str, str]],
+                  first: tuple[str, str] | None = None) -> Scene:
+    """A scene of `kind` from the (color, shape) pairs `allowed` (with `first` as one of its objects)."""
     if kind == "single":
         return Scene(kind, place([first or allowed[_index(rng, len(allowed))]], rng))
     if kind == "count":
@@ -327,7 +328,7 @@ def _heldout_scene(kind: str, rng: random.Random) -> Scene:
         ca, cb = COLOR_NAMES[_index(rng, len(COLOR_NAMES))], COLOR_NAMES[_index(rng, len(COLOR_NAMES))]
         return Scene(kind, place([(ca, a), (cb, b)], rng, relation=rel), (0, rel, 1))
     held = sorted(HELDOUT_PAIRS)[_index(rng, len(HELDOUT_PAIRS))]
-    return _scene(kind, rng, ALL_PAIRS, first=held)
+    return scene_of_kind(kind, rng, ALL_PAIRS, first=held)
 
 
 def item_rng(split: str, seed: int, i: int) -> random.Random:
