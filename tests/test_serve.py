@@ -58,10 +58,28 @@ def make_models(root: Path) -> Path:
             opt.step()
         model.save_pretrained(root / "tiny")
         DiffusionModel(DiffusionConfig(num_classes=0, class_cond=False, **tiny)).save_pretrained(root / "uncond")
+        make_t2i(root / "t2i")
         (root / "not-a-model").mkdir()
     finally:
         torch.set_num_threads(threads)
     return root
+
+
+def make_t2i(directory: Path) -> None:
+    """A tiny text-conditioned U-Net with random weights: the server reads its text conditioning from the class."""
+    from conftest import randomize_weights
+
+    from genlab.data.tokenizer import train_tokenizer
+    from genlab.models.t2i import TextDiffusionConfig, TextDiffusionModel
+
+    captions = ["a red circle", "a blue square", "two green stars"]
+    tok = train_tokenizer("\n".join(captions * 4), "bpe", 300)
+    cfg = TextDiffusionConfig(image_size=8, channels=3, base_channels=8, channel_mults=(1, 2), num_res_blocks=1,
+                              attention_resolutions=(4,), head_channels=8, norm_groups=4, timesteps=100,
+                              text_width=16, text_depth=1, text_heads=2, vocab_size=tok.vocab_size, max_tokens=16)
+    model = TextDiffusionModel(cfg, tokenizer=tok)
+    randomize_weights(model)
+    model.save_pretrained(directory)
 
 
 def free_port() -> int:
@@ -160,7 +178,7 @@ def test_models_list_reads_capabilities(server):
 
     models = server.openai().models.list()
     ids = sorted(m.id for m in models.data)
-    assert ids == ["tiny", "uncond"]  # the folder that is no model is not offered
+    assert ids == ["t2i", "tiny", "uncond"]  # the folder that is no model is not offered
     tiny = next(m for m in models.data if m.id == "tiny").model_dump()
     assert tiny["family"] == "diffusion"
     caps = tiny["capabilities"]
@@ -185,6 +203,34 @@ def test_generate_matches_offline_sampling_with_the_same_seeds(server, models_di
         assert params["seed"] == extra["seed"] == 1234 + i
         assert params["label"] == 7 and params["steps"] == STEPS and params["cfg"] == 2.0
         assert extra["params"] == params
+
+
+def test_prompts_reach_a_text_conditioned_model_and_batch_together(server, models_dir):
+    from genlab.sampling.controls import Guidance
+
+    with server.client() as c:
+        blocker = c.post("/v1/jobs", json={"kind": "image.generation", "params": {"model": "tiny", "steps": 30}})
+        bodies = [{"model": "t2i", "prompt": p, "n": 2, "steps": STEPS, "seed": s, "negative_prompt": neg}
+                  for p, s, neg in (("a red circle", 3, "a blue square"), ("two green stars", 7, "a red circle"))]
+        ids = [c.post("/v1/jobs", json={"kind": "image.generation", "params": b}).json()["id"] for b in bodies]
+        jobs = [wait_job(c, i) for i in ids]
+        wait_job(c, blocker.json()["id"])
+        got = [png_array(c.get(f"/v1/outputs/{d['id']}").content) for j in jobs for d in j["result"]["data"]]
+        assert c.post("/v1/images/generations", json={"model": "t2i", "prompt": "a cat", "label": 1}).status_code == 400
+        assert c.post("/v1/images/generations", json={"model": "t2i", "prompt": "x" * 3000}).status_code == 400
+    assert all(j["result"]["batch"]["images"] == 4 for j in jobs)  # two prompts, one sample call
+    assert [p["prompt"] for _, p in got] == ["a red circle"] * 2 + ["two green stars"] * 2
+    assert [p["negative"] for _, p in got] == ["a blue square"] * 2 + ["a red circle"] * 2
+    from genlab.data.images import to_uint8
+    from genlab.models.base import GenerativeModel
+
+    model = GenerativeModel.from_pretrained(models_dir / "t2i").eval()
+    for k, body in enumerate(bodies):
+        gens = [torch.Generator().manual_seed(body["seed"] + i) for i in range(2)]
+        want = to_uint8(model.sample(2, cond=model.labels_for(2, body["prompt"]), generator=gens, steps=STEPS,
+                                     guidance=Guidance(negative=[body["negative_prompt"]] * 2)))
+        for i in range(2):
+            assert np.abs(got[2 * k + i][0].astype(int) - want[i].astype(int)).max() <= 1
 
 
 def test_url_response_and_outputs_by_opaque_id(server):
