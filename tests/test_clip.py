@@ -331,3 +331,37 @@ def test_embed_refuses_a_model_that_is_not_an_embedding_model(tmp_path, capsys):
     assert main(["embed", str(d), "--text", "x"]) == 2
     assert "outputs image" in capsys.readouterr().err
     assert main(["embed", str(tmp_path / "nowhere"), "--text", "x"]) == 2
+
+
+def test_eval_command_measures_a_clip_model(trained, tmp_path, capsys):
+    """`genlab eval RUN --metrics retrieval,clip_score` equals the figures computed here from the embeddings."""
+    run, folder = trained
+    assert main(["eval", str(run), "--data", str(folder), "--metrics", "retrieval,clip_score", "--n", "6",
+                 "--retrieval-n", "8", "--out", str(tmp_path / "ev")]) == 0
+    got = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    model = GenerativeModel.from_pretrained(run / "model").eval()
+    from genlab.data import load_dataset
+
+    batch = load_dataset(str(folder)).get_batch(torch.arange(8))
+    x = F.interpolate(batch["x"], size=(8, 8), mode="bilinear", antialias=True)  # the folder loads at 64 px
+    img, txt = E.embed_images(model, x), E.embed_texts(model, batch["text"])
+    expect = E.retrieval_metrics(img, txt, batch["text"])
+    assert got["retrieval"]["image_retrieval_r@1"] == pytest.approx(expect["image_retrieval_r@1"])
+    assert got["retrieval"]["text_retrieval_r@5"] == pytest.approx(expect["text_retrieval_r@5"])
+    assert got["clip_score"] == pytest.approx(E.clip_score(img[:6], txt[:6]), rel=1e-5)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(folder), "--metrics", "binding"]) == 2
+    assert "ground truth of `shapes`" in capsys.readouterr().err
+
+
+def test_eval_refuses_clip_metrics_for_models_that_cannot_take_them(tmp_path, capsys):
+    from genlab.models.diffusion import DiffusionConfig, DiffusionModel
+
+    d = DiffusionModel(DiffusionConfig(image_size=8, channels=1, base_channels=8, channel_mults=(1,),
+                                       num_res_blocks=1, attention_resolutions=(), head_channels=8, norm_groups=4,
+                                       timesteps=10)).save_pretrained(tmp_path / "dm")
+    for metrics, fragment in [("zeroshot", "measure a CLIP model"), ("clip_score", "takes no text")]:
+        assert main(["eval", str(d), "--data", "mnist", "--metrics", metrics, "--n", "2"]) == 2
+        assert fragment in capsys.readouterr().err
+    assert main(["eval", str(d), "--data", "mnist", "--metrics", "clip_score", "--clip", str(tmp_path / "no")]) == 2
+    assert "neither a model folder" in capsys.readouterr().err

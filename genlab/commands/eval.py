@@ -24,6 +24,7 @@ from genlab.config import (
     check_output_path,
 )
 from genlab.errors import GenlabError
+from genlab.eval.clip import CLIP_METRICS, check_clip_metrics
 from genlab.files import write_atomic
 from genlab.models.base import Conditioning, GenerativeModel, Likelihood, Output, SampleOption
 from genlab.sampling.distributed import end, init_from_env, local_device
@@ -53,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "diffusion vlb (variational bound) or ode (PF-ODE); vae iwae (importance-weighted bound) or elbo; "
                    "families with one estimate use their log_likelihood")
     p.add_argument("--nll-t-samples", type=int, default=50, help="timesteps per image for the vlb estimate")
+    p.add_argument("--clip", default=None, help="clip_score: the CLIP model (or run) folder that scores a "
+                   "text-to-image model's images against their prompts (default for a CLIP model: itself)")
+    p.add_argument("--retrieval-n", type=int, default=1000, help="retrieval (a CLIP model): images and captions "
+                   "searched (default 1000)")
     p.add_argument("--out", default=None, help="output folder (default: <run>/eval or eval-<model>)")
     p.add_argument("--geneval-prompts", type=int, default=100, help="geneval: prompts per category and split "
                    "(seen, heldout), 1..100")
@@ -110,6 +115,9 @@ def _evaluate(args: argparse.Namespace) -> int:
     check_int("--kid-subset-size", args.kid_subset_size, 2)
     check_int("--nll-n", args.nll_n, 1)
     check_int("--nll-t-samples", args.nll_t_samples, 1, MAX_TIMESTEPS)
+    check_int("--retrieval-n", args.retrieval_n, 2, MAX_N)
+    if args.clip is not None:
+        resolve_model_dir(args.clip)  # a missing CLIP folder fails before sampling
     check_int("--geneval-prompts", args.geneval_prompts, 1, 100)
     check_int("--geneval-images", args.geneval_images, 1, 64)
     if args.sampler is not None:
@@ -152,6 +160,9 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
     if "nll" in metrics and model.likelihood is Likelihood.NONE:
         raise GenlabError(f"this {model.family} model has no likelihood (nor a bound on it); leave nll out of "
                           f"--metrics (it gives: {model.takes()})")
+    clip_metrics = [m for m in metrics if m in CLIP_METRICS]
+    if clip_metrics:
+        check_clip_metrics(model, clip_metrics, args.clip)
     if "caption" in metrics and not (Conditioning.IMAGE in model.conditioning and model.output is Output.TEXT):
         raise GenlabError(f"caption measures answers about images, but this {model.family} model does not describe "
                           f"images ({model.takes()}); leave caption out of --metrics")
@@ -172,6 +183,8 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
         images = sample_images(model.sample, args.n, args.seed, batch_size=args.batch, cond=labels, progress=True,
                                per_item_seeds=model.per_item_seeds, **opts)
     geneval = _geneval_sample(args, model) if "geneval" in metrics else None
+    clip_drawn = _clip_score_sample(args, model, data) if "clip_score" in metrics and model.output is Output.IMAGE \
+        else None
     if rank != 0:
         return 0
     if image_metrics:
@@ -198,6 +211,8 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
         from genlab.eval.captioning import evaluate_captioner
 
         result |= evaluate_captioner(model, args.n, seed=args.seed)
+    if clip_metrics:
+        result |= _clip_metrics(args, model, data, clip_metrics, clip_drawn, device)
     nrow = None
     if images is not None and labels is not None:
         classes = labels.unique()
@@ -280,3 +295,33 @@ def _geneval_write(geneval: dict[str, Any], result: dict[str, Any], out_dir: Pat
     print(G.markdown_table(tables))
     print(f"wrote {paths['json']} and {paths['md']}")
 
+
+def _clip_score_sample(args: argparse.Namespace, model: Any, data: str) -> tuple[Any, list[str], dict[str, Any]]:
+    """A text-to-image model's images for the split's first --n captions (each process its shard), for clip_score."""
+    from genlab.eval.clip import split_captions
+    from genlab.eval.report import family_sample_options, sample_images
+
+    prompts = model.labels_for(args.n, split_captions(data, args.split, args.n))
+    opts = family_sample_options(model, args.sampler, args.steps or EVAL_STEPS, args.cfg)
+    images = sample_images(model.sample, args.n, args.seed, batch_size=args.batch, cond=prompts, progress=True,
+                           per_item_seeds=model.per_item_seeds, **opts)
+    return images, prompts, sampling_params(model, opts)
+
+
+def _clip_metrics(args: argparse.Namespace, model: Any, data: str, metrics: list[str], drawn: Any,
+                  device: str) -> dict[str, Any]:
+    """zeroshot / retrieval / binding of a CLIP model, clip_score of drawn images (or a CLIP's real split)."""
+    from genlab.eval.clip import evaluate_clip, load_clip, shapes_table
+
+    clip = load_clip(args.clip, device) if args.clip is not None else None
+    images, prompts, params = drawn if drawn is not None else (None, None, None)
+    out = evaluate_clip(model, data, args.split, metrics, n=args.n, retrieval_n=args.retrieval_n, clip=clip,
+                        images=images, prompts=prompts)
+    if params is not None:
+        out["clip_score_sampling"] = {**params, "seed": args.seed, "n": args.n}
+    if args.clip is not None:
+        out["clip_model"] = args.clip
+    print(json.dumps(out))
+    if "shapes_clip" in out:
+        print(shapes_table(out))
+    return out

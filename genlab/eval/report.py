@@ -18,6 +18,7 @@ from genlab.config import DataConfig
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError
 from genlab.eval import metrics as M
+from genlab.eval.clip import CLIP_METRICS
 from genlab.eval.features import FeatureNetwork, get_feature_network
 from genlab.eval.reference import Reference, reference_features
 from genlab.models.base import GenerativeModel, SampleOption
@@ -28,6 +29,7 @@ IMAGE_METRICS = ("fid", "kid", "is", "prc")
 ALL_METRICS = (*IMAGE_METRICS, "nll", "caption")  # caption: answers of an image-to-text model (eval/captioning.py)
 # geneval: Shapes-GenEval prompt adherence of a text-to-image model (eval/geneval.py)
 ALL_METRICS = (*ALL_METRICS, "geneval")
+ALL_METRICS = (*ALL_METRICS, *CLIP_METRICS)  # of a CLIP model, and clip_score (eval/clip.py)
 
 
 def parse_metrics(spec: str | Sequence[str]) -> list[str]:
