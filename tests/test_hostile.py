@@ -294,6 +294,8 @@ CORPUS: list[tuple[str, str, str]] = [
     ("data-out-under-file", "data show mnist --out {w}/file.txt/g.png", "--out"),
     ("data-out-not-png", "data show mnist --out {w}/g.jpg", "--out"),
     ("data-text-n", "data show fortunes --n 5", "--n"),
+    ("data-shapes-image-size", "data show shapes --image-size 48 --out {w}/g.png", "32 or 64"),
+    ("data-shapes-split", "data show shapes --split val --out {w}/g.png", "heldout"),
     # -- genlab eval ---------------------------------------------------------------------------------------
     ("eval-n-0", "eval {w}/diff --data mnist --n 0 --out {w}/ev", "--n"),
     ("eval-cfg-nan", "eval {w}/diff --data mnist --cfg nan --out {w}/ev", "--cfg"),
@@ -307,6 +309,11 @@ CORPUS: list[tuple[str, str, str]] = [
     ("eval-nll-method", "eval {w}/diff --data mnist --metrics nll --nll-method exact --out {w}/ev", "--nll-method"),
     ("eval-out-is-file", "eval {w}/diff --data mnist --out {w}/file.txt", "--out"),
     ("eval-model-config-list", "eval {w}/cfg_list --data mnist --out {w}/ev", "config.json"),
+    ("eval-geneval-prompts-0", "eval {w}/diff --data mnist --metrics geneval --geneval-prompts 0 --out {w}/ev",
+     "--geneval-prompts"),
+    ("eval-geneval-images-big", "eval {w}/diff --data mnist --metrics geneval --geneval-images 65 --out {w}/ev",
+     "--geneval-images"),
+    ("eval-geneval-not-text", "eval {w}/diff --data mnist --metrics geneval --out {w}/ev", "draw from text"),
     # -- genlab demo ---------------------------------------------------------------------------------------
     ("demo-minutes-nan", "demo --recipe {w}/tiny.yaml --minutes nan", "--minutes"),
     ("demo-minutes-negative", "demo --recipe {w}/tiny.yaml --minutes -1", "--minutes"),
