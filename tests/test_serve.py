@@ -271,6 +271,16 @@ def test_edit_inpaints_with_the_openai_client(server, tmp_path):
     out, params = png_array(base64.b64decode(res.data[0].b64_json))
     assert params["strength"] == 0.0
     assert np.abs(out.astype(int) - src.astype(int)).max() <= 1
+    # an edit retried with its Idempotency-Key is the same job; other uploads under that key are refused
+    with server.client() as c:
+        files = {"image": ("in.png", (tmp_path / "in.png").read_bytes(), "image/png")}
+        form = {"model": "tiny", "steps": "4", "label": "1", "prompt": ""}
+        first, again = (c.post("/v1/images/edits", files=files, data=form, headers={"Idempotency-Key": "edit-1"})
+                        for _ in range(2))
+        assert first.status_code == again.status_code == 200 and first.json()["job"] == again.json()["job"]
+        other = {"image": ("in.png", (tmp_path / "mask.png").read_bytes(), "image/png")}
+        assert c.post("/v1/images/edits", files=other, data=form,
+                      headers={"Idempotency-Key": "edit-1"}).status_code == 409
 
 
 # -- jobs -------------------------------------------------------------------------------------
@@ -594,7 +604,7 @@ def test_sigkill_mid_batch_then_restart_finishes_every_job_and_keeps_outputs(mod
 
 @pytest.mark.slow
 def test_worker_processes_share_the_queue_and_die_with_the_server(models_dir, tmp_path):
-    server = Server(models_dir, tmp_path / "data", "--workers", "2", key=None).start()
+    server = Server(models_dir, tmp_path / "data", "--workers", "2", "--timeout", "2", key=None).start()
     try:
         children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
         assert len(children) >= 1
@@ -608,6 +618,11 @@ def test_worker_processes_share_the_queue_and_die_with_the_server(models_dir, tm
         workers = {w for (w,) in db.execute("SELECT worker FROM jobs")}
         db.close()
         assert workers == {"worker-0", "worker-1"}, (workers, data_file)
+        with server.client() as c:  # past --timeout a synchronous request gets 504 and its job is cancelled
+            r = c.post("/v1/images/generations", json={"model": "tiny", "steps": 100, "n": 16})
+            assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
+            job = r.json()["error"]["message"].split("job ")[1].split()[0]
+            assert wait_job(c, job)["state"] == "cancelled"
         server.kill()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in children):

@@ -139,3 +139,38 @@ def test_pool_unloads_the_least_recently_used_model_past_the_budget(tmp_path):
 def test_limits_defaults_are_bounded():
     lim = Limits()
     assert 1 <= lim.max_n <= 64 and lim.max_steps <= 1000 and lim.max_body_bytes <= 64 * 2**20
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "MISSING"], "is not a folder"),
+    (["--models", "DIR", "--port", "0"], "--port"),
+    (["--models", "DIR", "--port", "70000"], "--port"),
+    (["--models", "DIR", "--workers", "0"], "--workers"),
+    (["--models", "DIR", "--max-queue", "-1"], "--max-queue"),
+    (["--models", "DIR", "--timeout", "nan"], "--timeout"),
+    (["--models", "DIR", "--max-body-mb", "0"], "--max-body-mb"),
+    (["--models", "DIR", "--host", "example.com"], "--host"),
+    (["--models", "DIR", "--cors-origin", "evil"], "--cors-origin"),
+    (["--models", "DIR", "--device", "tpu"], "--device"),
+    (["--models", "DIR", "--data", "FILE"], "--data"),
+    (["--models", "DIR", "--api-key-file", "MISSING"], "--api-key-file"),
+    (["--models", "DIR", "--api-key-file", "FILE"], "--api-key-file"),
+    (["--models", "DIR", "--port", "BUSY"], "cannot listen"),
+])
+def test_serve_command_refuses_bad_options_in_one_line(tmp_path, capsys, argv, message):
+    import socket
+
+    from genlab.cli import main
+
+    (tmp_path / "file").write_text("short\n")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    subs = {"DIR": str(tmp_path), "MISSING": str(tmp_path / "missing"), "FILE": str(tmp_path / "file"),
+            "BUSY": str(busy.getsockname()[1])}
+    try:
+        assert main(["serve", *[subs.get(a, a) for a in argv]]) == 2
+    finally:
+        busy.close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

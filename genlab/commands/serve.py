@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import multiprocessing
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -70,23 +71,31 @@ def _check_args(args: argparse.Namespace) -> None:
         if origin != "*" and not origin.startswith(("http://", "https://")):
             raise GenlabError(f"--cors-origin {origin} must be an origin such as http://localhost:3000")
     check_output_path(args.data or str(Path(args.models) / ".serve"), "--data", folder=True)
+    with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((args.host, args.port))
+        except OSError as e:
+            raise GenlabError(f"cannot listen on {args.host}:{args.port} ({e.strerror}); choose another --port "
+                              "or --host") from None
 
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    from genlab.serve.limits import Limits, read_key_file
+
+    digests = read_key_file(args.api_key_file) if args.api_key_file else []
     import torch
     import uvicorn
 
     from genlab.serve.app import ServeState, create_app
     from genlab.serve.jobs import worker_process
-    from genlab.serve.limits import Limits, read_key_file
     from genlab.serve.pool import ModelPool
     from genlab.serve.store import Store
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
         "cpu" if args.device == "auto" else args.device
-    digests = read_key_file(args.api_key_file) if args.api_key_file else []
     data = Path(args.data or Path(args.models) / ".serve")
     limits = Limits(max_n=args.max_n, max_steps=args.max_steps, max_body_bytes=int(args.max_body_mb * 2**20),
                     max_queue=args.max_queue, timeout_s=args.timeout, max_batch=args.max_batch,

@@ -103,13 +103,17 @@ class ServeState:
     wake: threading.Event = field(default_factory=threading.Event)
     waiter: Waiter | None = None
 
-    async def submit(self, kind_name: str, raw: Any, idempotency_key: str | None) -> tuple[Job, bool]:
-        """Check a request (the kind's `prepare`) and queue it; with a known Idempotency-Key, that job."""
+    async def submit(self, kind_name: str, raw: Any, idempotency_key: str | None,
+                     same_request: Any = None) -> tuple[Job, bool]:
+        """Check a request (the kind's `prepare`) and queue it; with a known Idempotency-Key, that job.
+        `same_request` is what makes two requests the same for the key (default: `raw`; an edit gives its fields
+        and the digests of its uploads, since its stored inputs get new ids each time)."""
         kind = get_kind(kind_name)
         if idempotency_key is not None:
             if not IDEMPOTENCY_KEY.match(idempotency_key):
                 raise ApiError(400, "Idempotency-Key must be 1-255 printable ASCII characters without spaces")
-        request_hash = hashlib.sha256(json.dumps([kind_name, raw], sort_keys=True, default=str).encode()).hexdigest()
+        basis = raw if same_request is None else same_request
+        request_hash = hashlib.sha256(json.dumps([kind_name, basis], sort_keys=True, default=str).encode()).hexdigest()
         if idempotency_key is None and self.store.pending() >= self.limits.max_queue:
             raise ApiError(429, f"the queue is full ({self.limits.max_queue} jobs); retry later",
                            {"Retry-After": str(RETRY_AFTER_S)}, "rate_limit_error")
@@ -214,8 +218,8 @@ def build_router(state: ServeState) -> APIRouter:
 
     @r.post("/images/edits")
     async def edits(request: Request) -> dict[str, Any]:
-        raw = await _edit_fields(request, state)
-        job, _ = await state.submit("image.edit", raw, request.headers.get("idempotency-key"))
+        raw, same = await _edit_fields(request, state)
+        job, _ = await state.submit("image.edit", raw, request.headers.get("idempotency-key"), same)
         return await state.result(job, str(request.base_url))
 
     @r.post("/jobs", status_code=202)
@@ -284,8 +288,9 @@ async def _events(state: ServeState, job: Job, base_url: str, request: Request) 
     yield f"event: timeout\ndata: {json.dumps({'id': job.id, 'state': job.state})}\n\n"
 
 
-async def _edit_fields(request: Request, state: ServeState) -> dict[str, Any]:
-    """The multipart fields of an edit: the image (and mask) saved under opaque ids, the rest typed."""
+async def _edit_fields(request: Request, state: ServeState) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The multipart fields of an edit: the image (and mask) saved under opaque ids, the rest typed; and what
+    identifies the request for an Idempotency-Key (the fields and the uploads' SHA-256)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise ApiError(400, "send /v1/images/edits as multipart/form-data with an image file")
     try:
@@ -316,7 +321,8 @@ async def _edit_fields(request: Request, state: ServeState) -> dict[str, Any]:
                                                     files.get("mask"), state.limits)
     except GenlabError as e:
         raise ApiError(400, str(e)) from None
-    return {**raw, "image": image_id, "mask": mask_id}
+    same = {**fields, **{k: hashlib.sha256(f.data).hexdigest() for k, f in files.items()}}
+    return {**raw, "image": image_id, "mask": mask_id}, same
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None,
@@ -364,7 +370,7 @@ def create_app(state: ServeState, cors_origins: list[str] | None = None, worker_
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "queued_or_running": state.store.pending(), "loaded": state.pool.loaded()}
+        return {"status": "ok", "queued_or_running": state.store.pending()}
 
     app.include_router(build_router(state))
     if importlib.util.find_spec(TEXT_ROUTER_MODULE) is not None:  # the text endpoints, once they exist

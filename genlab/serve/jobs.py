@@ -102,7 +102,13 @@ class Worker:
     def run_forever(self, poll_s: float = 0.05, alive: Callable[[], bool] = lambda: True) -> None:
         load_kinds()
         while not self.stop.is_set() and alive():
-            if not self.run_once():
+            try:
+                busy = self.run_once()
+            except Exception:  # the store itself failed (a locked or full disk): keep the worker alive, retry
+                log.error("worker %s:\n%s", self.name, traceback.format_exc())
+                busy = False
+                time.sleep(1.0)
+            if not busy:
                 self.wake.wait(poll_s)
                 self.wake.clear()
 
