@@ -105,7 +105,7 @@ def _load(path: str, int8: bool):
         model = GenerativeModel.from_pretrained(path).eval()
     if model.output is not Output.TEXT:
         raise GenlabError(f"{path} holds a {model.family} model, which outputs {model.output.value}, not text; "
-                          "give a language model")
+                          "give a language model (a gpt folder, or a model that answers in text)")
     return quantize_int8(model) if int8 else model
 
 
