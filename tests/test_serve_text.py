@@ -63,12 +63,18 @@ def test_greedy_batch_equals_each_request_alone():
         assert sum(len(e.tokens) for e in ev) == r.max_tokens
 
 
-def test_requests_join_and_leave_mid_batch():
-    """A join with a prompt longer than the batch's columns (the batch shifts right), joins after leaves, a
-    request alone for a while: every row still decodes as it does alone, and its logprobs agree."""
+@pytest.mark.parametrize("chunk", [64, 2])
+def test_requests_join_and_leave_mid_batch(monkeypatch, chunk):
+    """A join with a prompt longer than the batch's columns (the batch shifts right), joins after leaves (slots
+    refilled by the last row), more rows than slots, a request alone for a while, and with `chunk` 2 a store that
+    fills every few steps (squeezed or grown): every row still decodes as it does alone, its logprobs agree."""
+    from genlab.serve import textbatch
+
+    monkeypatch.setattr(textbatch, "CACHE_CHUNK", chunk)
     model = trained_gpt()
     dec = BatchDecoder(model)
-    plan = {0: ["jumps over"], 2: ["p"], 3: ["over the lazy dog and the quick"], 9: ["a", "the lazy"], 30: ["dog"]}
+    plan = {0: ["jumps over"], 2: ["p"], 3: ["over the lazy dog and the quick"], 9: ["a", "the lazy", "box", "my"],
+            30: ["dog"]}
     reqs, events = [], []
     for step in range(200):
         for text in plan.get(step, []):
@@ -79,7 +85,7 @@ def test_requests_join_and_leave_mid_batch():
         if step > 30 and not dec.busy:
             break
         dec.step()
-    assert len(reqs) == 6 and not dec.busy
+    assert len(reqs) == 8 and not dec.busy
     for r, ev in zip(reqs, events):
         ref = generate(model, [r.prompt], r.generation_config())
         assert tokens(ev) == ref.tokens[0]

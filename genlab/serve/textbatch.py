@@ -27,6 +27,7 @@ from genlab.sampling.text import GenerationConfig, choose, cut_at_stop, process_
 
 MAX_TOP_LOGPROBS = 20  # alternatives per token (OpenAI's bound)
 CACHE_CHUNK = 64  # KV-cache columns added at a time as the batch grows
+COMPACT_MIN = 16  # unused columns on the left worth squeezing out (when also a quarter of them)
 
 
 @dataclass
@@ -180,8 +181,12 @@ class BatchDecoder:
     """The running batch over a GPT: a shared KV cache with right-aligned rows, per-row positions and a key mask.
 
     Row i holds its n_i real tokens in cache columns [L - n_i, L) (L = `cache.length`); columns before are
-    padding, masked out of attention. `add` queues a request; `step` admits queued requests (prefilling each
-    alone), chooses one token for every row, emits events, drops finished rows and runs one decoding step.
+    padding, masked out of attention. The cache is a view of the first B rows ("slots") of a larger, zero-filled
+    store: a joining row is written into the next free slot, a leaving row's slot is refilled by the last row, so
+    neither copies the other rows; only a join with a longer prompt than L (the rows shift right), a full store
+    (the dead columns on the left are squeezed out, or it grows) or more rows than slots move them all.
+    `add` queues a request; `step` admits queued requests (prefilling each alone), chooses one token for every row,
+    emits events, drops finished rows and runs one decoding step.
     """
 
     def __init__(self, model: Any, max_batch: int = 64) -> None:
@@ -191,7 +196,8 @@ class BatchDecoder:
         self.device = model.tok_emb.weight.device
         self.waiting: deque[Sequence] = deque()
         self.rows: list[Sequence] = []
-        self.cache: KVCache | None = None
+        self.store: KVCache | None = None  # (layers, slots, Hkv, cap, D); padding stays finite (zeros or old keys)
+        self.cache: KVCache | None = None  # the view of the first len(rows) slots that the model reads and writes
         self.n: Tensor = torch.zeros(0, dtype=torch.long, device=self.device)  # real tokens per row
         self.logits: Tensor | None = None  # (B, V) next-token logits of every row
         self.steps = 0
@@ -215,42 +221,72 @@ class BatchDecoder:
         col = torch.arange(cap, device=self.device)[None]
         return col >= (L - self.n)[:, None]  # real columns, and every column from L on (written this step)
 
-    def _rebuild(self, extra: list[tuple[Tensor, Tensor]], need: int) -> None:
-        """New cache storage holding the kept rows, then `extra` prefilled rows (k, v: (layers, 1, Hkv, P, D)),
-        trimmed of columns no row uses and with room for `need` more columns."""
-        old = self.cache
-        lengths = self.n.tolist() + [k.shape[3] for k, _ in extra]
-        L = max(lengths)
-        cap = L + need + CACHE_CHUNK
-        m = self.model
-        new = KVCache(m.config.n_layer, len(lengths), m.n_kv_head, cap, m.head_dim, m.tok_emb.weight.dtype,
-                      self.device)
-        new.k.zero_()
-        new.v.zero_()  # padding must be finite: a masked key's weight is 0, and 0 * NaN is NaN
-        if old is not None and self.rows:
-            w = int(self.n.max())
-            src = old.length - w
-            new.k[:, : len(self.rows), :, L - w: L].copy_(old.k[:, :, :, src: old.length])
-            new.v[:, : len(self.rows), :, L - w: L].copy_(old.v[:, :, :, src: old.length])
-        for j, (k, v) in enumerate(extra):
-            r, P = len(self.rows) + j, k.shape[3]
-            new.k[:, r: r + 1, :, L - P: L].copy_(k)
-            new.v[:, r: r + 1, :, L - P: L].copy_(v)
-        new.length = L
-        self.cache = new
+    def _view(self, B: int, L: int) -> None:
+        """Point the model's cache at the first B slots, L columns filled."""
+        view = KVCache(0, 0, 0, 0, 0, self.store.k.dtype, self.device)
+        view.k, view.v = self.store.k[:, :B], self.store.v[:, :B]
+        view.max_len, view.length = self.store.max_len, L
+        self.cache = view
 
-    def _drop(self, keep: list[int]) -> None:
-        if len(keep) == len(self.rows):
+    def _allocate(self, slots: int, cap: int, L: int) -> None:
+        """A new zero-filled store of `slots` x `cap` columns holding the rows' real columns, ending at column L."""
+        m = self.model
+        new = KVCache(m.config.n_layer, slots, m.n_kv_head, cap, m.head_dim, m.tok_emb.weight.dtype, self.device)
+        new.k.zero_()
+        new.v.zero_()  # a masked key's weight is 0, and 0 * NaN is NaN: padding must be finite
+        B = len(self.rows)
+        if B:
+            w, old = int(self.n.max()), self.cache.length
+            new.k[:, :B, :, L - w: L].copy_(self.store.k[:, :B, :, old - w: old])
+            new.v[:, :B, :, L - w: L].copy_(self.store.v[:, :B, :, old - w: old])
+        self.store = new
+
+    def _shift(self, L: int) -> None:
+        """Move every row's real columns in place so that they end at column L."""
+        old, B = self.cache.length, len(self.rows)
+        if L == old or not B:
             return
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache, self.logits = None, None
+        w = int(self.n.max())
+        for t in (self.store.k, self.store.v):
+            t[:, :B, :, L - w: L].copy_(t[:, :B, :, old - w: old].clone())
+
+    def _make_room(self, B: int, L: int) -> None:
+        """Ensure slots for B rows and columns for L + 1 (rows ending at column L)."""
+        if self.store is None:
+            self._allocate(max(4, B), L + CACHE_CHUNK, L)
+            return
+        slots, cap = self.store.k.shape[1], self.store.max_len
+        if B > slots or L + 1 > cap:
+            grow = L + 1 > cap
+            new_cap = max(cap + max(CACHE_CHUNK, cap // 2), L + CACHE_CHUNK) if grow else cap
+            self._allocate(max(slots, min(2 * slots, self.max_batch), B), new_cap, L)
+        else:
+            self._shift(L)
+
+    def _drop(self, keep: list[int]) -> list[int]:
+        """Keep rows `keep`; the last kept rows move into the slots of the rows that left. Returns each new row's
+        old index."""
+        B = len(keep)
+        if B == len(self.rows):
+            return keep
+        if not B:
+            self.rows, self.store, self.cache, self.logits = [], None, None, None
             self.n = self.n[:0]
-            return
-        idx = torch.tensor(keep, device=self.device)
-        self.cache.reorder(idx)
-        self.n = self.n[idx]
-        self.logits = self.logits[idx]
+            return []
+        gone = sorted(set(range(len(self.rows))) - set(keep))
+        holes = [i for i in gone if i < B]
+        fillers = [i for i in keep if i >= B]
+        order = list(range(B))
+        L, w = self.cache.length, int(self.n.max())
+        for h, f in zip(holes, fillers):
+            for t in (self.store.k, self.store.v):
+                t[:, h, :, L - w: L].copy_(t[:, f, :, L - w: L])
+            order[h] = f
+        self.rows = [self.rows[i] for i in order]
+        idx = torch.tensor(order, device=self.device)
+        self.n, self.logits = self.n[idx], self.logits[idx]
+        self._view(B, L)
+        return order
 
     # -- the loop -----------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -285,10 +321,17 @@ class BatchDecoder:
             joined.append(seq)
         if not joined:
             return
-        self._rebuild(extra, 1)
+        B0 = len(self.rows)
+        L = max([self.cache.length if self.cache is not None else 0] + [k.shape[3] for k, _ in extra])
+        self._make_room(B0 + len(joined), L)
+        for j, (k, v) in enumerate(extra):
+            P = k.shape[3]
+            self.store.k[:, B0 + j: B0 + j + 1, :, L - P: L].copy_(k)
+            self.store.v[:, B0 + j: B0 + j + 1, :, L - P: L].copy_(v)
         self.rows += joined
         new_n = torch.tensor([s.length for s in joined], dtype=torch.long, device=self.device)
         self.n = torch.cat([self.n, new_n])
+        self._view(len(self.rows), L)
         lg = torch.cat(logits)
         self.logits = lg if self.logits is None else torch.cat([self.logits, lg])
 
@@ -331,16 +374,22 @@ class BatchDecoder:
             seq.emit(ev)
             if seq.finish_reason is None:
                 keep.append(i)
-        self._drop(keep)
+        order = self._drop(keep)
         if self.rows:
-            self._decode([tokens[i] for i in keep])
+            self._decode([tokens[i] for i in order])
         self.steps += 1
         return emitted
 
     def _decode(self, tokens: list[int]) -> None:
         """One token per row through the model: per-row positions n_i, the key mask of each row's columns."""
-        if self.cache.length + 1 > self.cache.max_len:
-            self._rebuild([], CACHE_CHUNK)
+        L, w = self.cache.length, int(self.n.max())
+        if L - w >= max(COMPACT_MIN, L // 4):  # a quarter of the columns no row uses: squeeze them out in place
+            self._shift(w)  # (attention reads every column each step; one copy costs about one step's read)
+            L = w
+            self._view(len(self.rows), L)
+        if L + 1 > self.cache.max_len:
+            self._make_room(len(self.rows), L)
+            self._view(len(self.rows), L)
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
         mask = self._key_mask()
         logits = self.model(ids, self.cache, key_mask=mask, positions=self.n[:, None])
@@ -400,7 +449,7 @@ class TextEngine:
                 for seq in dec.rows + list(dec.waiting):
                     seq.finish_reason = "error"
                     seq.emit(seq.event(error=msg))
-                dec.rows, dec.cache, dec.logits = [], None, None
+                dec.rows, dec.store, dec.cache, dec.logits = [], None, None, None
                 dec.waiting.clear()
                 dec.n = dec.n[:0]
         for seq in dec.rows + list(dec.waiting) + list(self._inbox):
