@@ -134,6 +134,8 @@ def test_cli_trains_samples_and_evaluates_a_tarflow(tmp_path, tiny_fnet):
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert losses and all(0.5 < v < 12.0 for v in losses)
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in line][-1]
+    assert val["evals_per_image"] == 2 * 49 and val["sample_ms_per_image"] > 0 and 0.5 < val["bits_per_dim"] < 12.0
     assert main(["sample", str(run), "--n", "4", "--label", "3", "--temperature", "0.7", "--cfg", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
     assert main(["eval", str(run), "--metrics", "fid,nll", "--n", "8", "--nll-n", "8",

@@ -111,13 +111,13 @@ class VectorQuantizerEMA(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """(straight-through z_q, indices, {"commit": beta ||z - sg(e)||^2}); in training mode the codebook is
-        initialized, restarted and EMA-updated from this batch first."""
+        initialized, restarted and EMA-updated from this batch first (in float32, outside autocast)."""
         flat = z.detach().permute(0, 2, 3, 1).reshape(-1, self.dim).float()
-        if self.training and torch.is_grad_enabled():
-            self._init_and_restart(flat)
-            idx = self.indices(z.detach())
-            self.ema_update(flat, idx.reshape(-1))
-        idx = self.indices(z.detach())
+        with torch.autocast(z.device.type, enabled=False):
+            if self.training and torch.is_grad_enabled():
+                self._init_and_restart(flat)
+                self.ema_update(flat, self.indices(z.detach().float()).reshape(-1))
+            idx = self.indices(z.detach().float())
         z_q = self.lookup(idx).to(z.dtype)
         commit = self.beta * F.mse_loss(z, z_q.detach())
         return straight_through(z, z_q), idx, {"commit": commit}
