@@ -414,6 +414,7 @@ class ShapesDataset(ImageDataset):
         self._labels = torch.full((n,), -1, dtype=torch.long)
         self._images = torch.empty((n, 3, image_size, image_size), dtype=torch.uint8)
         self._done = torch.zeros(n, dtype=torch.bool)
+        self._complete: list[tuple[Scene, str]] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -432,13 +433,19 @@ class ShapesDataset(ImageDataset):
         """Item i's objects with boxes in pixels (x0, y0, x1, y1) of this dataset's image size."""
         return tuple(o.in_pixels(self.image_size) for o in self.scene(i).objects)
 
+    def _all(self) -> list[tuple[Scene, str]]:
+        """Every item, generated once (later calls return the same list)."""
+        if self._complete is None:
+            self._complete = [self._item(i) for i in range(len(self))]
+        return self._complete
+
     @property
     def scenes(self) -> list[Scene]:
-        return [self._item(i)[0] for i in range(len(self))]
+        return [scene for scene, _ in self._all()]
 
     @property
     def captions(self) -> list[str]:  # type: ignore[override]
-        return [self._item(i)[1] for i in range(len(self))]
+        return [caption for _, caption in self._all()]
 
     @property
     def canonical(self) -> list[str]:
@@ -446,8 +453,7 @@ class ShapesDataset(ImageDataset):
 
     @property
     def labels(self) -> Tensor:  # type: ignore[override]
-        for i in range(len(self)):
-            self._item(i)
+        self._all()
         return self._labels
 
     def _render(self, idx: Tensor) -> None:
@@ -472,6 +478,7 @@ class ShapesDataset(ImageDataset):
         out = ShapesDataset.__new__(ShapesDataset)
         out.__dict__.update(self.__dict__)
         out._items, out._labels = self._items[:n], self._labels[:n]
+        out._complete = self._complete[:n] if self._complete is not None else None
         out._images, out._done = self._images[:n], self._done[:n]
         return out
 
