@@ -482,3 +482,26 @@ def test_api_malformed_json_is_a_400(server):
     r = httpx.post(server[0] + "/v1/completions", content=b'{"model": "tiny", "prompt": ', timeout=30,
                    headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_api_text_jobs_are_recorded_in_the_queue(server):
+    """POST /v1/jobs with a text kind: a stored job with its seed and token ids, whose result is the completion."""
+    import time
+
+    import httpx
+
+    body = {"kind": "text.completion", "params": {"model": "tiny", "prompt": "over", "max_tokens": 10,
+                                                  "temperature": 0}}
+    r = httpx.post(server[0] + "/v1/jobs", json=body, headers={"Idempotency-Key": "text-job-1"}, timeout=30)
+    assert r.status_code in (200, 202), r.text
+    job = r.json()
+    assert job["kind"] == "text.completion" and job["params"]["prompts"] == [ids("over")]
+    for _ in range(300):
+        job = httpx.get(server[0] + f"/v1/jobs/{job['id']}", timeout=30).json()
+        if job["state"] == "done":
+            break
+        time.sleep(0.1)
+    assert job["result"]["object"] == "text_completion"
+    assert job["result"]["choices"][0]["text"] == reference_text(ids("over"), 10)
+    again = httpx.post(server[0] + "/v1/jobs", json=body, headers={"Idempotency-Key": "text-job-1"}, timeout=30)
+    assert again.json()["id"] == job["id"]  # a retry with the same key gets the same job

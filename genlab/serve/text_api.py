@@ -50,6 +50,7 @@ CHAT_DEFAULT_TOKENS = 512  # chat's max_tokens when none is given (else the cont
 PUBLISH_S = 0.03  # a streamed job's text is written to the store at most this often
 CHECK_S = 0.25  # other running jobs report progress (and learn of cancellation) this often
 CLAIM_S = 0.005  # how often a running batch looks for newly queued jobs to take in
+JOIN_WINDOW_S = 20.0  # a batch takes in new jobs this long, then drains, so that other models and kinds get a turn
 STREAM_POLL_S = 0.03
 
 
@@ -371,7 +372,7 @@ def run_text(jobs: list[Job], model: GenerativeModel, ctx: WorkerContext) -> Non
 def _decode_loop(running: dict[str, _Running], decoder: BatchDecoder | None, ctx: WorkerContext, batch_key: str,
                  admit: Any) -> None:
     store = ctx.store
-    last_publish = last_check = last_claim = time.monotonic()
+    started = last_publish = last_check = last_claim = time.monotonic()
     while running and decoder is not None:
         decoder.step()
         now = time.monotonic()
@@ -403,8 +404,9 @@ def _decode_loop(running: dict[str, _Running], decoder: BatchDecoder | None, ctx
             last_publish = now
         if check:
             last_check = now
+        # newly queued jobs of this model join the running batch, while it has free rows and its window is open
         room = ctx.limits.max_batch - len(decoder.rows) - len(decoder.waiting)
-        if room > 0 and now - last_claim >= CLAIM_S:  # newly queued jobs of this model join the running batch
+        if room > 0 and now - last_claim >= CLAIM_S and now - started < JOIN_WINDOW_S:
             last_claim = now
             claim = getattr(store, "claim_key", None) or functools.partial(_claim_joining, store)
             for job in claim(ctx.worker, batch_key, room):
