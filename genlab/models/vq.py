@@ -248,8 +248,11 @@ class MaskGITTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, y: Tensor | None) -> Tensor:
         B, L = tokens.shape
-        first = self.vocab + 1 + (y.to(tokens.device).long().reshape(-1).expand(B) if y is not None
-                                  else torch.full((B,), self.num_classes, device=tokens.device))
+        null = torch.full((B,), self.num_classes, device=tokens.device)
+        if y is not None:  # an unlabelled item (-1) takes the unconditional token
+            y = y.to(tokens.device).long().reshape(-1).expand(B)
+            null = torch.where(y >= 0, y, null)
+        first = self.vocab + 1 + null
         x = self.tok_emb(torch.cat([first[:, None], tokens], dim=1))
         full = torch.ones(1, 1, L + 1, L + 1, dtype=torch.bool, device=tokens.device)  # every code sees every code
         for i, block in enumerate(self.blocks):
