@@ -8,6 +8,7 @@ import json
 import math
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -365,3 +366,38 @@ def test_eval_refuses_clip_metrics_for_models_that_cannot_take_them(tmp_path, ca
         assert fragment in capsys.readouterr().err
     assert main(["eval", str(d), "--data", "mnist", "--metrics", "clip_score", "--clip", str(tmp_path / "no")]) == 2
     assert "neither a model folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_the_same_weights_as_one(trained, tmp_path):
+    """The trainer under torchrun (gloo, DDP): features gathered across ranks make every step's loss one process's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    _, folder = trained
+    recipe = {"name": "c", "family": "clip", "out_dir": str(tmp_path), "data": {"name": str(folder), "image_size": 8},
+              "model": TINY, "train": {"steps": 3, "batch_size": 8, "warmup_steps": 1, "log_every": 1,
+                                       "ckpt_every": 0, "lr": 1e-2, "ema_decay": 0.0}}
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for procs, name in [(1, "one"), (2, "two")]:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**recipe, "name": name}))
+        launch = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port())] \
+            if procs == 2 else [sys.executable]
+        proc = subprocess.run([*launch, "-m", "genlab.cli", "train", str(tmp_path / f"{name}.yaml")], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    # every step's loss (over the whole global batch) and the temperature it reached; weights are compared loosely,
+    # since Adam turns gradients that are zero up to rounding (a key bias, which softmax ignores) into +-lr steps
+    logs = {n: [json.loads(line) for line in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("one", "two")}
+    for a, b in zip(logs["one"], logs["two"], strict=True):
+        if a["split"] == "train":
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+            assert b["logit_scale"] == pytest.approx(a["logit_scale"], rel=1e-5)
+    one, two = (load_file(str(tmp_path / n / "model" / "model.safetensors")) for n in ("one", "two"))
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=0.07, msg=k)  # 3 Adam steps of lr 1e-2 at most
