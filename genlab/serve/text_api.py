@@ -408,38 +408,11 @@ def _decode_loop(running: dict[str, _Running], decoder: BatchDecoder | None, ctx
         room = ctx.limits.max_batch - len(decoder.rows) - len(decoder.waiting)
         if room > 0 and now - last_claim >= CLAIM_S and now - started < JOIN_WINDOW_S:
             last_claim = now
-            claim = getattr(store, "claim_key", None) or functools.partial(_claim_joining, store)
-            for job in claim(ctx.worker, batch_key, room):
+            for job in store.claim_key(ctx.worker, batch_key, room):
                 try:
                     admit(job)
                 except GenlabError as e:
                     store.fail(job.id, INVALID + str(e))
-
-
-def _claim_joining(store: Store, worker: str, batch_key: str, room: int) -> list[Job]:
-    """Take queued jobs with this batch key, oldest first, whose rows fit `room` (as `Store.claim` does for the
-    first batch): a cheap read first, the claiming write transaction only when one is waiting."""
-    from genlab.serve.store import _JOB_COLUMNS
-
-    db = store._conn()
-    if db.execute("SELECT 1 FROM jobs WHERE state = 'queued' AND batch_key = ? LIMIT 1", (batch_key,)).fetchone() \
-            is None:
-        return []
-    with store._tx() as db:
-        rows = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'queued' AND batch_key = ? ORDER BY seq "
-                          "LIMIT 256", (batch_key,)).fetchall()
-        jobs, total = [], 0
-        for row in rows:
-            if total + row["cost"] > room:
-                break
-            jobs.append(Job.from_row(row))
-            total += row["cost"]
-        now = time.time()
-        db.executemany("UPDATE jobs SET state = 'running', worker = ?, attempts = attempts + 1, progress = 0, "
-                       "updated = ? WHERE id = ?", [(worker, now, j.id) for j in jobs])
-    for j in jobs:
-        j.state = "running"
-    return jobs
 
 
 # -- responses ----------------------------------------------------------------------------------------------
