@@ -59,6 +59,9 @@ def make_models(root: Path) -> Path:
         model.save_pretrained(root / "tiny")
         DiffusionModel(DiffusionConfig(num_classes=0, class_cond=False, **tiny)).save_pretrained(root / "uncond")
         make_t2i(root / "t2i")
+        from genlab.models.vae import VAE, VAEConfig
+
+        VAE(VAEConfig(image_size=16, channels=1, base_channels=8, channel_mults=(1, 2))).save_pretrained(root / "vae")
         (root / "not-a-model").mkdir()
     finally:
         torch.set_num_threads(threads)
@@ -178,7 +181,7 @@ def test_models_list_reads_capabilities(server):
 
     models = server.openai().models.list()
     ids = sorted(m.id for m in models.data)
-    assert ids == ["t2i", "tiny", "uncond"]  # the folder that is no model is not offered
+    assert ids == ["t2i", "tiny", "uncond", "vae"]  # the folder that is no model is not offered
     tiny = next(m for m in models.data if m.id == "tiny").model_dump()
     assert tiny["family"] == "diffusion"
     caps = tiny["capabilities"]
@@ -231,6 +234,20 @@ def test_prompts_reach_a_text_conditioned_model_and_batch_together(server, model
                                      guidance=Guidance(negative=[body["negative_prompt"]] * 2)))
         for i in range(2):
             assert np.abs(got[2 * k + i][0].astype(int) - want[i].astype(int)).max() <= 1
+
+
+def test_a_family_without_samplers_serves_and_refuses_what_it_does_not_take(server, models_dir):
+    with server.client() as c:
+        r = c.post("/v1/images/generations", json={"model": "vae", "n": 2, "seed": 11})
+        assert r.status_code == 200, r.text
+        got = [png_array(base64.b64decode(d["b64_json"]))[0] for d in r.json()["data"]]
+        for field, value in (("steps", 4), ("sampler", "ddim"), ("guidance_scale", 2.0), ("label", 1),
+                             ("temperature", 0.5)):
+            r = c.post("/v1/images/generations", json={"model": "vae", field: value})
+            assert r.status_code == 400 and "take" in r.json()["error"]["message"], (field, r.text)
+    want = offline(models_dir, "vae", [11, 12], None)
+    for g, w in zip(got, want):
+        assert np.abs(g.astype(int) - w.astype(int)).max() <= 1
 
 
 def test_url_response_and_outputs_by_opaque_id(server):

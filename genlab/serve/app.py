@@ -63,6 +63,12 @@ class Waiter:
         self.store, self.poll_s = store, poll_s
         self.futures: dict[str, list[asyncio.Future[str]]] = {}
         self.task: asyncio.Task[None] | None = None
+        self.changed = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+
+    def notify(self) -> None:
+        """A job ended in this process (any thread): look now rather than at the next poll."""
+        self.loop.call_soon_threadsafe(self.changed.set)
 
     async def wait(self, job_id: str, timeout: float) -> str | None:
         """The job's final state, or None after `timeout` seconds."""
@@ -89,7 +95,11 @@ class Waiter:
                     for fut in self.futures.pop(job_id, []):
                         if not fut.done():
                             fut.set_result(state)
-            await asyncio.sleep(self.poll_s)
+            try:
+                await asyncio.wait_for(self.changed.wait(), self.poll_s)
+            except asyncio.TimeoutError:
+                pass
+            self.changed.clear()
 
 
 @dataclass
@@ -337,6 +347,7 @@ def create_app(state: ServeState, cors_origins: list[str] | None = None, worker_
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.waiter = Waiter(state.store)
+        state.store.on_end = state.waiter.notify
         stop = threading.Event()
         thread = None
         if worker_thread:

@@ -58,6 +58,7 @@ class GenerationRequest(BaseModel):
     label: int | None = None
     negative_label: int | None = None
     steps: int | None = None
+    temperature: float | None = None
     sampler: str | None = None
     schedule: str | None = None
     guidance_scale: float | None = None
@@ -134,6 +135,7 @@ def prepare(kind: str, raw: dict[str, Any], pool: ModelPool, limits: Limits, sto
     refuse("schedule", r.schedule, SampleOption.SAMPLER)
     refuse("steps", r.steps, SampleOption.STEPS)
     refuse("guidance_scale", r.guidance_scale, SampleOption.GUIDANCE)
+    refuse("temperature", r.temperature, SampleOption.TEMPERATURE)
     refuse("an image to edit", r.image, SampleOption.START)
     for field, text in (("prompt", prompt), ("negative_prompt", r.negative_prompt)):
         if text is not None and len(text) > limits.max_prompt_chars:
@@ -154,6 +156,8 @@ def prepare(kind: str, raw: dict[str, Any], pool: ModelPool, limits: Limits, sto
         raise GenlabError(f"schedule={r.schedule!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
     if r.guidance_scale is not None:
         check_number("guidance_scale", r.guidance_scale, 0, 100, hint="1 = no guidance")
+    if r.temperature is not None:
+        check_number("temperature", r.temperature, 0, 10, hint="1 = the model's own density")
     if r.strength is not None:
         if kind != "image.edit":
             raise GenlabError("strength applies to /v1/images/edits")
@@ -173,9 +177,10 @@ def prepare(kind: str, raw: dict[str, Any], pool: ModelPool, limits: Limits, sto
     check_int("seed", seed, 0, MAX_SEED)
     params = {"prompt": prompt, "negative": negative, "label": r.label, "n": r.n, "size": size,
               "steps": r.steps, "sampler": r.sampler, "schedule": r.schedule, "guidance_scale": r.guidance_scale,
+              "temperature": r.temperature,
               "response_format": r.response_format, "image": r.image, "mask": r.mask, "strength": r.strength}
     key = {"kind": kind, "model": name, "size": size, **{k: params[k] for k in
-           ("steps", "sampler", "schedule", "guidance_scale", "strength")},
+           ("steps", "sampler", "schedule", "guidance_scale", "temperature", "strength")},
            "negative": negative is not None, "mask": r.mask is not None}
     if not model.per_item_seeds:  # one generator per batch: a job's images would depend on its batch-mates
         key["alone"] = secrets.token_hex(8)
@@ -189,7 +194,7 @@ class _AllCancelledError(Exception):
 
 def _sample_kwargs(model: GenerativeModel, p: dict[str, Any], negatives: list[Any] | None,
                    start: Start | None) -> dict[str, Any]:
-    kw: dict[str, Any] = {k: p[k] for k in ("sampler", "steps", "schedule") if p[k] is not None}
+    kw: dict[str, Any] = {k: p[k] for k in ("sampler", "steps", "schedule", "temperature") if p.get(k) is not None}
     if SampleOption.GUIDANCE in model.sample_options and (p["guidance_scale"] is not None or negatives):
         kw["guidance"] = Guidance(p["guidance_scale"] if p["guidance_scale"] is not None else Guidance.scale,
                                   negative=negatives)
@@ -262,9 +267,11 @@ def run_batch(jobs: list[Job], model: GenerativeModel, ctx: WorkerContext) -> No
         if not live:
             raise _AllCancelledError
 
+    if SampleOption.SAMPLER in model.sample_options:  # the samplers call back once per step
+        kw["callback"] = callback
     t0 = time.perf_counter()
     try:
-        x = model.sample(sum(counts), cond=cond, generator=generator, callback=callback, **kw)
+        x = model.sample(sum(counts), cond=cond, generator=generator, **kw)
     except _AllCancelledError:
         return
     seconds = time.perf_counter() - t0
@@ -286,9 +293,10 @@ def _start(jobs: list[Job], model: GenerativeModel, store: Store) -> Start:
 
 def _write_outputs(jobs: list[Job], model: GenerativeModel, x: torch.Tensor, cond: Any, kw: dict[str, Any],
                    store: Store, live: set[str], seconds: float) -> None:
-    params = sampling_params(model, {k: v for k, v in kw.items() if k != "start"})
+    params = sampling_params(model, {k: v for k, v in kw.items() if k not in ("start", "callback")})
     params.pop("guidance", None)
     params.pop("negative_label", None)
+    params = json.loads(json.dumps(params, default=str))  # plain JSON values whatever a family's defaults are
     images = to_uint8(x)
     k = 0
     for j in jobs:
@@ -402,7 +410,7 @@ def _save(im: Image.Image, path: Path) -> None:
 def edit_form(form: dict[str, str]) -> dict[str, Any]:
     """The text fields of a multipart edit request as typed values (form fields arrive as strings)."""
     ints = ("n", "label", "negative_label", "steps", "seed")
-    floats = ("guidance_scale", "strength")
+    floats = ("guidance_scale", "strength", "temperature")
     out: dict[str, Any] = {}
     for key, value in form.items():
         if key in ints:

@@ -33,6 +33,7 @@ log = logging.getLogger("genlab.serve")
 # modules that register job kinds when imported (a module not written yet is skipped)
 KIND_MODULES = ("genlab.serve.images", "genlab.serve.textbatch", "genlab.serve.text_api")
 
+MAX_BATCH_WAITS = 5  # a batch waits at most this many batch_wait_s slices for compatible requests to join
 INVALID = "invalid: "  # prefix of a job error that was the request's fault (a 400 for a synchronous request)
 
 
@@ -118,9 +119,15 @@ class Worker:
         if not jobs:
             return False
         room = self.limits.max_batch - sum(j.cost for j in jobs)
-        if room > 0 and self.limits.batch_wait_s > 0:  # compatible requests arriving right now join this batch
+        for _ in range(MAX_BATCH_WAITS):  # compatible requests arriving right now join this batch, while they come
+            if room <= 0 or self.limits.batch_wait_s <= 0:
+                break
             time.sleep(self.limits.batch_wait_s)
-            jobs += self.store.claim_key(self.name, jobs[0].batch_key, room)
+            more = self.store.claim_key(self.name, jobs[0].batch_key, room)
+            if not more:
+                break
+            jobs += more
+            room -= sum(j.cost for j in more)
         kind = JOB_KINDS[jobs[0].kind]
         try:
             model = self.pool.get(jobs[0].model)

@@ -12,6 +12,7 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,7 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         self.path = self.root / "genlab.sqlite3"
         self._local = threading.local()
+        self.on_end: Callable[[], None] | None = None  # called when a job of this process ends (wakes waiters)
         self._conn().executescript(SCHEMA)
 
     # -- connections: one per thread, WAL, waiting on a busy database -----------------------
@@ -243,7 +245,13 @@ class Store:
             if cancelled:
                 db.executemany("UPDATE jobs SET state = 'cancelled', updated = ? WHERE id = ? AND state = 'running'",
                                [(now, i) for i in cancelled])
+        if cancelled:
+            self._ended()
         return cancelled
+
+    def _ended(self) -> None:
+        if self.on_end is not None:
+            self.on_end()
 
     def preview(self, job_id: str) -> bytes | None:
         row = self._conn().execute("SELECT preview FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -261,12 +269,14 @@ class Store:
                 return False
             db.executemany("INSERT INTO outputs (id, job_id, filename, media_type, created) VALUES (?, ?, ?, ?, ?)",
                            [(oid, job_id, name, media, now) for oid, name, media in outputs])
+        self._ended()
         return True
 
     def fail(self, job_id: str, error: str) -> None:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state = 'failed', error = ?, updated = ? WHERE id = ? AND state = 'running'",
                        (error, time.time(), job_id))
+        self._ended()
 
     def cancel(self, job_id: str) -> str | None:
         """Cancel a job: a queued one leaves the queue at once, a running one is marked and stops at its next
