@@ -84,6 +84,8 @@ class Row:
     seed: int = 0
     kind: str = "genlab"  # genlab | diffusers
     roles: tuple[str, ...] = ()
+    tokenizer: str = ""  # a two-stage family: the recipe of its tokenizer, trained first (half the budget each)
+    tokenizer_overrides: tuple[str, ...] = ()
 
     @property
     def stacked(self) -> bool:
@@ -108,8 +110,10 @@ ROWS: list[Row] = [
     Row("edm-heun-18", "mnist-edm", sampler="heun", steps=18, roles=("genlab_diffusion",)),
     Row("dit-dpm-20", "mnist-dit", sampler="dpmpp_2m", steps=20),
     Row("pixel-ar", "mnist-pixelar", roles=("ar",)),
-    Row("vqvae-maskgit", "mnist-vq", roles=("vq",)),
-    Row("fsq-maskgit", "mnist-fsq", roles=("vq",)),
+    Row("vq-gpt-prior", "mnist-vq-prior", tokenizer="mnist-vq", roles=("vq",)),
+    Row("vq-maskgit", "mnist-maskgit", tokenizer="mnist-vq", roles=("vq",)),
+    Row("fsq-maskgit", "mnist-maskgit", tokenizer="mnist-vq", tokenizer_overrides=("model.quantizer=fsq",),
+        roles=("vq",)),
     Row("tarflow", "mnist-tarflow", roles=("flow",)),
     Row("gan-r3-stacked-s1", "mnist-gan", UNCOND, data=STACKED, seed=1, roles=("gan_stacked",)),
     Row("gan-r3-stacked-s2", "mnist-gan", UNCOND, data=STACKED, seed=2, roles=("gan_stacked",)),
@@ -202,18 +206,22 @@ class _GlobalOnly(contextlib.nullcontext):
 
 @contextlib.contextmanager
 def count_calls(model: nn.Module) -> Iterator[list[int]]:
-    """Forward calls of each direct child of `model`; yields a list whose [0] is, on exit, the most calls of any
-    child (the network evaluations, when the sampler calls the network once per evaluation)."""
+    """Network evaluations: forward calls of every module that holds parameters of its own (convolutions, linear
+    layers, norms, embeddings); yields a list whose [0] is, on exit, the most common nonzero count among them.
+    Each such layer runs once per evaluation of the network (a layer used only at some steps, e.g. a class-token
+    embedding, is outvoted), whether the sampler calls the network's forward or a method of it (a KV-cache step)."""
     counts: dict[str, int] = {}
+    owners = [(k, m) for k, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     hooks = [m.register_forward_hook(lambda *_, k=k: counts.__setitem__(k, counts.get(k, 0) + 1))
-             for k, m in model.named_children()]
+             for k, m in owners]
     out = [0]
     try:
         yield out
     finally:
         for h in hooks:
             h.remove()
-        out[0] = max(counts.values(), default=0)
+        values = [v for v in counts.values() if v > 0]
+        out[0] = max(set(values), key=lambda v: (values.count(v), v)) if values else 0
 
 
 def fitted_steps(budget_s: float, build_s: float, step_s: float) -> int:
@@ -280,9 +288,9 @@ def train_genlab(row: Row, settings: Settings, run_dir: Path) -> dict[str, Any]:
     info["train_flops"] = flops * trainer.step
     last = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("split") == "train"]
     info["last_train_metrics"] = {k: v for k, v in (last[-1] if last else {}).items() if isinstance(v, int | float)}
-    usage = [r for r in read_jsonl(run_dir / "metrics.jsonl") if any("usage" in k for k in r)]
-    if usage:  # VQ families log their codebook usage
-        info["codebook_usage"] = next(v for k, v in usage[-1].items() if "usage" in k)
+    usage = [r["codebook_usage"] for r in read_jsonl(run_dir / "metrics.jsonl") if "codebook_usage" in r]
+    if usage:  # a VQ tokenizer's validation: the share of codes used over the whole test split
+        info["codebook_usage"] = usage[-1]
     return info
 
 
@@ -498,25 +506,79 @@ def recipe_exists(row: Row) -> bool:
         return False
 
 
+def _run_dir(out: Path, row: Row, tkey: str) -> Path:
+    return out / "train" / f"{row.recipe or row.kind}-{row.data}-s{row.seed}-{tkey[:8]}"
+
+
+def _stages(row: Row, settings: Settings, out: Path) -> list[tuple[Row, Settings, str, dict[str, Any]]]:
+    """The training runs a row needs, in order, with their settings and keys: one, or for a two-stage family a
+    tokenizer then the model over its codes (`model.tokenizer` = the first run's folder), each with half the
+    budget."""
+    if not row.tokenizer:
+        return [(row, settings, *train_key(row, settings))]
+    half = Settings(**{**asdict(settings), "minutes": settings.minutes / 2})
+    first = Row(f"{row.name}-tokenizer", row.tokenizer, row.tokenizer_overrides, data=row.data, seed=row.seed)
+    k1, spec1 = train_key(first, half)
+    second = Row(**{**asdict(first), "name": row.name, "recipe": row.recipe, "tokenizer": "",
+                    "overrides": (*row.overrides, f"model.tokenizer={_run_dir(out, first, k1).resolve()}")})
+    return [(first, half, k1, spec1), (second, half, *train_key(second, half))]
+
+
+def _ensure_trained(row: Row, settings: Settings, tkey: str, out: Path, device: str,
+                    log: Callable[[str], None]) -> tuple[Path, dict[str, Any], bool]:
+    """The run folder of a row's training (trained now unless a run with the same key finished before), its
+    record, and whether it was trained now."""
+    run_dir = _run_dir(out, row, tkey)
+    done_path = run_dir / "done.json"
+    done = json.loads(done_path.read_text()) if done_path.is_file() else None
+    if done and done.get("train_key") == tkey:
+        return run_dir, done, False
+    log(f"[families] training {row.name} for {settings.minutes:g} min -> {run_dir}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = train_diffusers(row, settings, run_dir, device) if row.kind == "diffusers" \
+        else train_genlab(row, settings, run_dir)
+    done = {"train_key": tkey, **info}
+    write_atomic(done_path, json.dumps(done, indent=2))
+    return run_dir, done, True
+
+
+def _combine(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One training record from a tokenizer's and a prior's: FLOPs, images, steps and seconds add up."""
+    if len(stages) == 1:
+        return stages[0]
+    first, last = stages
+    out = {**last, "stages": stages, "diverged": any(s.get("diverged") for s in stages)}
+    for k in ("train_flops", "images_seen", "train_seconds"):
+        out[k] = sum(s.get(k) or 0 for s in stages)
+    out["steps"] = "+".join(str(s.get("steps")) for s in stages)
+    out["codebook_usage"] = first.get("codebook_usage")
+    return out
+
+
+def _row_spec(row: Row) -> dict[str, Any]:
+    """The row's fields for its key (the two-stage fields only where set, so other rows keep their keys)."""
+    return {k: v for k, v in asdict(row).items() if v or k not in ("tokenizer", "tokenizer_overrides")}
+
+
 def run_rows(rows: list[Row], settings: Settings, out: Path, device: str = "cpu",
              measure: Measure | None = None, log: Callable[[str], None] = print, keep_going: bool = False,
              cached_only: bool = False) -> dict[str, Any]:
     """Train (where needed) and measure each row; returns {"rows": {name: record}, "trained": [...],
-    "measured": [...], "missing": [...]}. A row whose key matches its stored record is neither trained nor
-    measured again; runs shared by several rows train once."""
+    "measured": [...], "missing": [...], "failed": [...]}. A row whose key matches its stored record is neither
+    trained nor measured again; runs shared by several rows train once."""
     (out / "rows").mkdir(parents=True, exist_ok=True)
     measure_ = measure
     records: dict[str, Any] = {}
     trained, measured, missing, failed = [], [], [], []
     for row in rows:
-        if not recipe_exists(row):
+        if not recipe_exists(row) or (row.tokenizer and not recipe_exists(Row(row.name, row.tokenizer))):
             missing.append(row.name)
             continue
-        tkey, tspec = train_key(row, settings)
+        stages = _stages(row, settings, out)
         m = measure_ or Measure()
         measure_ = m
-        key = _hash({"train": tkey, "row": asdict(row), "eval": settings.eval_key(row), "batch": settings.batch,
-                     "features": [m.fnet.hash, m.fnet.weights_digest]})
+        key = _hash({"train": [k for *_, k, _ in stages], "row": _row_spec(row), "eval": settings.eval_key(row),
+                     "batch": settings.batch, "features": [m.fnet.hash, m.fnet.weights_digest]})
         path = out / "rows" / f"{row.name}.json"
         old = json.loads(path.read_text()) if path.is_file() else None
         if old and old.get("key") == key:
@@ -525,23 +587,19 @@ def run_rows(rows: list[Row], settings: Settings, out: Path, device: str = "cpu"
         if cached_only:
             missing.append(f"{row.name} (not measured with these settings)")
             continue
-        run_dir = out / "train" / f"{row.recipe or row.kind}-{row.data}-s{row.seed}-{tkey[:8]}"
-        done_path = run_dir / "done.json"
-        done = json.loads(done_path.read_text()) if done_path.is_file() else None
         try:
-            if not done or done.get("train_key") != tkey:
-                log(f"[families] training {row.name} for {settings.minutes:g} min -> {run_dir}")
-                run_dir.mkdir(parents=True, exist_ok=True)
-                info = train_diffusers(row, settings, run_dir, device) if row.kind == "diffusers" \
-                    else train_genlab(row, settings, run_dir)
-                done = {"train_key": tkey, **info}
-                write_atomic(done_path, json.dumps(done, indent=2))
-                trained.append(row.name)
+            dones = []
+            for stage_row, stage_settings, tkey, _ in stages:
+                run_dir, done, now = _ensure_trained(stage_row, stage_settings, tkey, out, device, log)
+                dones.append({k: v for k, v in done.items() if k != "train_key"})
+                if now and row.name not in trained:
+                    trained.append(row.name)
+            train = _combine(dones)
             log(f"[families] measuring {row.name}")
-            rec: dict[str, Any] = {"row": row.name, "key": key, "train_key": tkey, "code_version": tspec["code"],
-                                   "git": git_describe(), "spec": asdict(row), "minutes": settings.minutes,
-                                   "train": {k: v for k, v in done.items() if k != "train_key"}, **m.describe()}
-            rec |= {"diverged": True} if done.get("diverged") else measure_row(row, run_dir, settings, m, device)
+            rec: dict[str, Any] = {"row": row.name, "key": key, "train_key": stages[-1][2],
+                                   "code_version": stages[-1][3]["code"], "git": git_describe(), "spec": asdict(row),
+                                   "minutes": settings.minutes, "train": train, **m.describe()}
+            rec |= {"diverged": True} if train.get("diverged") else measure_row(row, run_dir, settings, m, device)
         except Exception as e:  # noqa: BLE001 - one failing row must not lose the table; it is reported, not kept
             if not keep_going:
                 raise
@@ -659,7 +717,7 @@ def write_table(result: dict[str, Any], rows: list[Row], out: Path, note: str = 
             continue
         t = r["train"]
         bpd = f"{r['bits_per_dim']:.3f} ({r['likelihood']})" if "bits_per_dim" in r else "none"
-        kid = f"{r['kid'] * 1e3:.2f} ± {r['kid_se'] * 1e3:.2f}e-3" if "kid" in r else "–"
+        kid = f"{r['kid']:.3g} ± {r['kid_se']:.2g}" if "kid" in r else "–"
         lines.append(f"| {row.name} | {_si(t.get('params'))} | {_si(t.get('train_flops'))} | {t.get('images_seen')} | "
                      f"{r.get('nfe', '–')} | {_f(r.get('ms_per_image'))} | "
                      f"{'diverged' if r.get('diverged') else _f(r.get('fid'))} | {kid} | "
@@ -758,16 +816,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(check_int("--threads", args.threads, 1, 1024))
     s = Settings(minutes=args.minutes if args.minutes is not None else (0.1 if args.smoke else 30.0 if gpu else 10.0),
-                 n=args.n or (64 if args.smoke else 5000 if gpu else 1000),
-                 stacked_n=args.stacked_n or (200 if args.smoke else 10000),
-                 nll_n=args.nll_n or (16 if args.smoke else 256), batch=args.batch)
+                 n=args.n if args.n is not None else (64 if args.smoke else 5000 if gpu else 1000),
+                 stacked_n=args.stacked_n if args.stacked_n is not None else (200 if args.smoke else 10000),
+                 nll_n=args.nll_n if args.nll_n is not None else (16 if args.smoke else 256), batch=args.batch)
     check_number("--minutes", s.minutes, 0.001, 24 * 60)
     check_int("--n", s.n, 10, 50_000)
     check_int("--stacked-n", s.stacked_n, 10, 100_000)
     check_int("--nll-n", s.nll_n, 1, 2000)
     check_int("--batch", s.batch, 1, 10_000)
-    out = check_output_path(args.out, "--out", folder=True)
     rows = select_rows(args.rows)
+    out = check_output_path(args.out, "--out", folder=True)
     measure = Measure()
     result: dict[str, Any] = {"rows": {}, "trained": [], "measured": [], "missing": [], "failed": []}
     for row in rows:  # the table is rewritten after every row, so a run stopped early still leaves one

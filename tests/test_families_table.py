@@ -190,11 +190,14 @@ def test_count_calls_and_flops():
         def __init__(self):
             super().__init__()
             self.lin = torch.nn.Linear(8, 4, bias=False)
+            self.body = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.SiLU(), torch.nn.Linear(4, 4))
+            self.act = torch.nn.SiLU()  # no parameters: reused freely, never counted
 
     net = Net()
     with fam.count_calls(net) as calls:
+        net.lin(torch.zeros(3, 8))  # used once (like a class token), then five evaluations of the body
         for _ in range(5):
-            net.lin(torch.zeros(3, 8))
+            net.act(net.act(net.body(torch.zeros(3, 4))))
     assert calls[0] == 5
     x = torch.randn(3, 8)
     # forward 2*3*8*4, backward twice that (grad of input and weight)
@@ -202,9 +205,45 @@ def test_count_calls_and_flops():
     assert fam.fitted_steps(60, 10, 0.5) == 95
 
 
-def test_bad_rows_and_options():
+@pytest.mark.parametrize("argv, match", [
+    (["--rows", "ddpm-250,nope"], "unknown row 'nope'"),
+    (["--minutes", "0"], "--minutes"),
+    (["--minutes", "nan"], "--minutes"),
+    (["--n", "5"], "--n"),
+    (["--stacked-n", "0"], "--stacked-n"),
+    (["--nll-n", "0"], "--nll-n"),
+    (["--n", "0"], "--n"),
+    (["--threads", "0"], "--threads"),
+    (["--batch", "0"], "--batch"),
+])
+def test_bad_options_fail_before_any_work(argv, match, tmp_path):
     fam = _families()
-    with pytest.raises(GenlabError, match="unknown row"):
-        fam.select_rows("ddpm-250,nope")
-    with pytest.raises(GenlabError, match="--minutes"):
-        fam.main(["--minutes", "0", "--rows", "ddpm-250"])
+    with pytest.raises(GenlabError, match=match):
+        fam.main([*argv, "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_must_be_a_folder(tmp_path):
+    fam = _families()
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    with pytest.raises(GenlabError):
+        fam.main(["--out", str(f), "--rows", "ddpm-250", "--table-only"])
+
+
+@pytest.mark.slow
+def test_two_stage_row_trains_its_tokenizer_first(tmp_path, monkeypatch, one_thread):
+    """A VQ row: the tokenizer trains with half the budget, the MaskGIT prior reads its folder; usage is kept."""
+    fam = _families()
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    tiny = ["model.base_channels=8", "model.norm_groups=4", "train.batch_size=16", "data.max_items=256"]
+    prior = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", "train.batch_size=16", "data.max_items=256"]
+    s = fam.Settings(minutes=0.02, n=20, nll_n=4, batch=20, extra={"mnist-vq": tiny, "mnist-maskgit": prior})
+    row = fam.Row("vq-maskgit", "mnist-maskgit", tokenizer="mnist-vq", roles=("vq",))
+    res = fam.run_rows([row], s, tmp_path / "fam", measure=fam.Measure(tiny_feature_network()))
+    rec = res["rows"]["vq-maskgit"]
+    assert res["trained"] == ["vq-maskgit"] and len(rec["train"]["stages"]) == 2
+    assert 0 < rec["train"]["codebook_usage"] <= 1 and math.isfinite(rec["fid"])
+    assert rec["train"]["train_flops"] == sum(st["train_flops"] for st in rec["train"]["stages"])
+    again = fam.run_rows([row], s, tmp_path / "fam", measure=fam.Measure(tiny_feature_network()))
+    assert again["trained"] == [] and again["measured"] == []
