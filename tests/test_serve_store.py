@@ -85,6 +85,20 @@ def test_cancel_queued_and_running(tmp_path):
     assert store.cancel("job_nope") is None
 
 
+def test_previews_are_asked_for_while_someone_follows_the_events(tmp_path):
+    store = Store(tmp_path)
+    a, b = submit(store), submit(store)
+    store.claim("w", ["image.generation"], 2)
+    assert store.step_watched({a.id: (0.1, None), b.id: (0.1, None)}) == (set(), set())
+    store.watch(b.id, 1)
+    assert store.step_watched({a.id: (0.2, None), b.id: (0.2, b"png")}) == (set(), {b.id})
+    assert store.preview(b.id) == b"png" and store.preview(a.id) is None
+    store.watch(b.id, -1)
+    store.watch(b.id, -1)  # never below zero
+    assert store.step_watched({a.id: (0.3, None), b.id: (0.3, None)})[1] == set()
+    assert store.get(b.id).progress == 0.3 and store.preview(b.id) == b"png"  # the last preview stays
+
+
 def test_idempotency_key(tmp_path):
     store = Store(tmp_path)
     job, created = store.submit("k", "m", {}, 0, "a", idempotency_key="key-1", request_hash="h1")

@@ -278,6 +278,15 @@ def _rescan(pool: ModelPool) -> dict[str, Any]:
 async def _events(state: ServeState, job: Job, base_url: str, request: Request) -> AsyncIterator[str]:
     """Server-sent events: `progress` (progress, state, a base64 PNG preview of the current denoised image) as it
     changes, then one `done` / `failed` / `cancelled` event with the job; closes after the request timeout."""
+    await run_in_threadpool(state.store.watch, job.id, 1)  # the worker draws previews while someone follows
+    try:
+        async for event in _job_events(state, job, base_url, request):
+            yield event
+    finally:
+        await run_in_threadpool(state.store.watch, job.id, -1)
+
+
+async def _job_events(state: ServeState, job: Job, base_url: str, request: Request) -> AsyncIterator[str]:
     last: tuple[str, float] | None = None
     deadline = time.monotonic() + state.limits.timeout_s
     while time.monotonic() < deadline:
@@ -378,6 +387,10 @@ def create_app(state: ServeState, cors_origins: list[str] | None = None, worker_
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()))
         return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception) -> JSONResponse:  # a bug: still OpenAI's shape
+        return _error(500, f"internal error ({e.__class__.__name__}); the server keeps serving", type_="server_error")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -257,13 +257,18 @@ def run_batch(jobs: list[Job], model: GenerativeModel, ctx: WorkerContext) -> No
     total = max(1, int(steps * start.resolved_strength) if start is not None else steps)
     offsets = [sum(counts[:k]) for k in range(len(jobs))]
     live = {j.id for j in jobs}
+    watched: set[str] = set()
 
     def callback(d: dict[str, Any]) -> None:
+        """Progress every step; a preview of the current denoised image for the jobs someone follows."""
         progress = min(0.99, (int(d["i"]) + 1) / total)
         denoised = d.get("denoised")
-        updates = {j.id: (progress, preview_png(denoised[off]) if denoised is not None else None)
+        updates = {j.id: (progress, preview_png(denoised[off]) if denoised is not None and j.id in watched else None)
                    for j, off in zip(jobs, offsets) if j.id in live}
-        live.difference_update(ctx.store.step(updates))
+        cancelled, now_watched = ctx.store.step_watched(updates)
+        live.difference_update(cancelled)
+        watched.clear()
+        watched.update(now_watched)
         if not live:
             raise _AllCancelledError
 

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     idempotency_key TEXT UNIQUE,
     request_hash TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
+    watchers INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
     worker TEXT,
     created REAL NOT NULL,
@@ -105,7 +106,11 @@ class Store:
         self.path = self.root / "genlab.sqlite3"
         self._local = threading.local()
         self.on_end: Callable[[], None] | None = None  # called when a job of this process ends (wakes waiters)
-        self._conn().executescript(SCHEMA)
+        db = self._conn()
+        db.executescript(SCHEMA)
+        columns = {r["name"] for r in db.execute("PRAGMA table_info(jobs)")}
+        if "watchers" not in columns:  # a data folder from before previews followed their watchers
+            db.execute("ALTER TABLE jobs ADD COLUMN watchers INTEGER NOT NULL DEFAULT 0")
 
     # -- connections: one per thread, WAL, waiting on a busy database -----------------------
     def _conn(self) -> sqlite3.Connection:
@@ -232,22 +237,32 @@ class Store:
     def step(self, updates: dict[str, tuple[float, bytes | None]]) -> set[str]:
         """Record progress (and a preview PNG) of running jobs in one transaction; returns the ids among them whose
         cancellation was asked (they become cancelled here)."""
+        return self.step_watched(updates)[0]
+
+    def step_watched(self, updates: dict[str, tuple[float, bytes | None]]) -> tuple[set[str], set[str]]:
+        """`step`, and also the ids among them that someone follows (`GET /v1/jobs/{id}/events`): only those need
+        a preview at the next step."""
         now = time.time()
         with self._tx() as db:
             db.executemany("UPDATE jobs SET progress = ?, preview = COALESCE(?, preview), updated = ? "
                            "WHERE id = ? AND state = 'running'",
                            [(p, preview, now, job_id) for job_id, (p, preview) in updates.items()])
             marks = ",".join("?" * len(updates))
-            ids = list(updates)
-            rows = db.execute(f"SELECT id FROM jobs WHERE id IN ({marks}) AND (cancel_requested = 1 "
-                              "OR state = 'cancelled')", ids).fetchall()
-            cancelled = {r["id"] for r in rows}
+            rows = db.execute(f"SELECT id, cancel_requested, state, watchers FROM jobs WHERE id IN ({marks})",
+                              list(updates)).fetchall()
+            cancelled = {r["id"] for r in rows if r["cancel_requested"] or r["state"] == "cancelled"}
+            watched = {r["id"] for r in rows if r["watchers"] > 0}
             if cancelled:
                 db.executemany("UPDATE jobs SET state = 'cancelled', updated = ? WHERE id = ? AND state = 'running'",
                                [(now, i) for i in cancelled])
         if cancelled:
             self._ended()
-        return cancelled
+        return cancelled, watched
+
+    def watch(self, job_id: str, delta: int) -> None:
+        """Count a follower of a job's events in (+1) or out (-1)."""
+        with self._tx() as db:
+            db.execute("UPDATE jobs SET watchers = MAX(0, watchers + ?) WHERE id = ?", (delta, job_id))
 
     def _ended(self) -> None:
         if self.on_end is not None:
@@ -300,6 +315,7 @@ class Store:
         with self._tx() as db:
             db.execute("UPDATE jobs SET state = 'cancelled', updated = ? WHERE state = 'running' "
                        "AND cancel_requested = 1", (now,))
+            db.execute("UPDATE jobs SET watchers = 0 WHERE watchers != 0")  # no request outlives its server
             return db.execute("UPDATE jobs SET state = 'queued', progress = 0, preview = NULL, worker = NULL, "
                               "updated = ? WHERE state = 'running'", (now,)).rowcount
 
