@@ -188,6 +188,15 @@ def test_a_cancelled_request_leaves_and_the_rest_go_on():
     assert tokens(events[0]) == alone(reqs[0]) and tokens(events[2]) == alone(reqs[2])
 
 
+def test_a_row_whose_sampling_fails_leaves_alone():
+    """Settings that overflow (logits / 1e-40 is inf) end that row with an error; the other rows go on."""
+    reqs = [TextRequest(ids("the"), max_tokens=8, temperature=1e-40, seed=1, stop_token_ids=[]),
+            TextRequest(ids("a quick"), max_tokens=8, temperature=0, stop_token_ids=[])]
+    events = BatchDecoder(trained_gpt()).run(reqs)
+    assert events[0][-1].finish_reason == "error" and events[0][-1].error
+    assert tokens(events[1]) == alone(reqs[1])
+
+
 def test_engine_thread_serves_concurrent_submitters():
     engine = TextEngine(trained_gpt(), max_batch=3)  # five requests, three rows: two wait for a free row
     try:
@@ -370,7 +379,8 @@ def test_api_concurrent_requests_equal_decoding_alone(client):
     dict(prompt="the", temperature="hot"), dict(prompt="the", temperature=-1), dict(prompt="the", top_p=2.0),
     dict(prompt="the", stop=["a", "b", "c", "d", "e"]), dict(prompt="the", stop=""), dict(prompt="the", logprobs=6),
     dict(prompt="the", bogus=1), dict(prompt=[10**9]), dict(prompt=[]), dict(prompt="the", model="nope"),
-    dict(prompt="the", seed=-3), dict(prompt="the", logit_bias={"1": 5.0}),
+    dict(prompt="the", seed=-3), dict(prompt="the", logit_bias={"1": 5.0}), dict(prompt="the", temperature=1e-40),
+    dict(prompt="the", repetition_penalty=1e-300), dict(prompt="the", top_k=-1), dict(prompt="the", min_p=1.0),
 ])
 def test_api_bad_completions_get_4xx_in_openai_shape(server, body):
     import httpx

@@ -46,6 +46,8 @@ MAX_STOP = 4  # stop strings per request (OpenAI's bound)
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**62  # stored as a signed 64-bit SQLite integer; row k uses seed + k
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` (OpenAI's bound)
+MIN_TEMPERATURE = 1e-6  # logits / temperature must stay finite
+MIN_PENALTY = 0.01  # repetition_penalty in [0.01, 100]: logits / penalty must stay finite
 CHAT_DEFAULT_TOKENS = 512  # chat's max_tokens when none is given (else the context left, if less)
 PUBLISH_S = 0.03  # a streamed job's text is written to the store at most this often
 CHECK_S = 0.25  # other running jobs report progress (and learn of cancellation) this often
@@ -260,6 +262,10 @@ def prepare(kind: str, raw: Any, pool: ModelPool, limits: Limits, store: Store) 
               "include_usage": bool((r.stream_options or {}).get("include_usage")), "image": images[0] if images
               else None, "echo_texts": [tok.decode(p) for p in prompts] if echo else None}
     check_number("temperature", params["temperature"], 0, 2, hint="0 is greedy")
+    if 0 < params["temperature"] < MIN_TEMPERATURE:
+        raise GenlabError(f"temperature={params['temperature']:g}: give 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    check_number("repetition_penalty", params["repetition_penalty"], MIN_PENALTY, 1 / MIN_PENALTY,
+                 hint="1 turns it off")
     for key in ("presence_penalty", "frequency_penalty"):
         check_number(key, params[key], -2, 2)
     for req in _requests(params, seed, None):  # the decoder's own checks (top_p, top_k, min_p, ...)
@@ -378,9 +384,9 @@ def _decode_loop(running: dict[str, _Running], decoder: BatchDecoder | None, ctx
         now = time.monotonic()
         for jid, run in list(running.items()):
             if run.done():
-                errors = [s for s in run.seqs if s.finish_reason == "error"]
+                errors = [s.error for s in run.seqs if s.finish_reason == "error"]
                 if errors:
-                    store.fail(jid, "internal: text decoding failed")
+                    store.fail(jid, f"internal: text decoding failed ({errors[0]})")
                 elif not all(s.finish_reason == "cancelled" for s in run.seqs):
                     store.finish(jid, run.result())
                 del running[jid]

@@ -107,6 +107,7 @@ class Sequence:
         self.sent_tokens = 0
         self.text = ""
         self.finish_reason: str | None = None
+        self.error: str | None = None
         self.cancelled = False
         self.needs_history = self.cfg.repetition_penalty != 1.0 or bool(
             self.cfg.presence_penalty or self.cfg.frequency_penalty)
@@ -313,8 +314,8 @@ class BatchDecoder:
             try:
                 k, v, lg = self._prefill(seq)
             except (GenlabError, RuntimeError) as e:  # e.g. out of memory: this request fails, the batch goes on
-                seq.finish_reason = "error"
-                seq.emit(seq.event(error=str(e).splitlines()[0] if str(e) else type(e).__name__))
+                seq.finish_reason, seq.error = "error", str(e).splitlines()[0] if str(e) else type(e).__name__
+                seq.emit(seq.event(error=seq.error))
                 continue
             extra.append((k, v))
             logits.append(lg)
@@ -341,8 +342,11 @@ class BatchDecoder:
         logp = logits.log_softmax(-1)
         tokens = logits.argmax(-1).tolist()  # greedy rows (no penalties) need nothing else
         for i, seq in enumerate(self.rows):
-            if not seq.cfg.greedy or seq.needs_history:
-                tokens[i] = seq.choose(logits[i: i + 1])
+            if (not seq.cfg.greedy or seq.needs_history) and seq.finish_reason is None:
+                try:
+                    tokens[i] = seq.choose(logits[i: i + 1])
+                except RuntimeError as e:  # e.g. settings that overflow to inf: this row fails, the batch goes on
+                    seq.finish_reason, seq.error = "error", str(e).splitlines()[0] if str(e) else type(e).__name__
         return tokens, logp
 
     @torch.inference_mode()
@@ -362,8 +366,8 @@ class BatchDecoder:
         keep = []
         emitted = 0
         for i, seq in enumerate(self.rows):
-            if seq.finish_reason == "cancelled":
-                seq.emit(seq.event())
+            if seq.finish_reason in ("cancelled", "error"):
+                seq.emit(seq.event(error=seq.error))
                 continue
             top = None
             if seq.req.logprobs:
@@ -447,7 +451,7 @@ class TextEngine:
             except Exception as e:  # a failing step ends the batch's requests with an error, the engine goes on
                 msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                 for seq in dec.rows + list(dec.waiting):
-                    seq.finish_reason = "error"
+                    seq.finish_reason, seq.error = "error", msg
                     seq.emit(seq.event(error=msg))
                 dec.rows, dec.store, dec.cache, dec.logits = [], None, None, None
                 dec.waiting.clear()
