@@ -472,7 +472,7 @@ USER = [{"role": "user", "content": "the"}]
     dict(messages=USER, response_format={"type": "json_object"}), dict(messages=USER, n=5),
     dict(messages=USER, max_completion_tokens=0), dict(messages=USER, stream="yes"),
     dict(messages=USER, stream_options={"include_usage": "x"}), dict(messages=USER, temperature=float("nan")),
-    dict(messages=[{"role": "user", "content": "x" * 2001}]),
+    dict(messages=[{"role": "user", "content": "x" * 2001}]), dict(messages=[{"role": "user", "content": ""}] * 1025),
 ])
 def test_api_bad_chats_get_4xx_and_the_server_goes_on(server, body):
     import httpx

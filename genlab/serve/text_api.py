@@ -43,6 +43,7 @@ from genlab.serve.textbatch import MAX_TOP_LOGPROBS, BatchDecoder, Sequence, Tex
 KIND_COMPLETION, KIND_CHAT = "text.completion", "text.chat"
 MAX_TOKENS = 4096  # tokens one choice may generate (the model's context bounds it further)
 MAX_STOP = 4  # stop strings per request (OpenAI's bound)
+MAX_MESSAGES = 1024  # messages per chat request
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**62  # stored as a signed 64-bit SQLite integer; row k uses seed + k
 MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' `logprobs` (OpenAI's bound)
@@ -118,6 +119,8 @@ def _messages(raw: list[dict[str, Any]], limits: Limits, store: Store) -> tuple[
     """Chat messages as the template's {role, content} (text parts joined), and the stored ids of their images."""
     if not raw:
         raise GenlabError("messages must be a non-empty list of {role, content} objects")
+    if len(raw) > MAX_MESSAGES:
+        raise GenlabError(f"messages holds {len(raw)} messages; at most {MAX_MESSAGES}")
     out, images, chars = [], [], 0
     for i, m in enumerate(raw):
         role = m.get("role")
