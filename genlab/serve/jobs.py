@@ -33,7 +33,7 @@ log = logging.getLogger("genlab.serve")
 # modules that register job kinds when imported (a module not written yet is skipped)
 KIND_MODULES = ("genlab.serve.images", "genlab.serve.textbatch", "genlab.serve.text_api")
 
-MAX_BATCH_WAITS = 5  # a batch waits at most this many batch_wait_s slices for compatible requests to join
+MAX_BATCH_WAITS = 5  # slices of batch_wait_s a batch may wait for compatible requests (longer to refill to the last)
 INVALID = "invalid: "  # prefix of a job error that was the request's fault (a 400 for a synchronous request)
 
 
@@ -99,6 +99,7 @@ class Worker:
         self.stop = stop or threading.Event()
         self.wake = wake or threading.Event()
         self.ctx = WorkerContext(store, limits, name)
+        self.last: dict[str, tuple[int, float]] = {}  # batch key -> (cost, seconds) of its last batch
 
     def run_forever(self, poll_s: float = 0.05, alive: Callable[[], bool] = lambda: True) -> None:
         load_kinds()
@@ -113,25 +114,35 @@ class Worker:
                 self.wake.wait(poll_s)
                 self.wake.clear()
 
+    def _fill(self, jobs: list[Job]) -> list[Job]:
+        """Let compatible requests that are arriving join a claimed batch: wait in `batch_wait_s` slices while they
+        keep coming, and, when the last batch of this key was larger (its clients are sending their next requests),
+        until the batch is that large again, for at most a tenth of that batch's time (half a second at most)."""
+        key, wait = jobs[0].batch_key, self.limits.batch_wait_s
+        cost = sum(j.cost for j in jobs)
+        target, seconds = self.last.get(key, (0, 0.0))
+        deadline = time.monotonic() + max(wait * MAX_BATCH_WAITS, min(0.5, 0.1 * seconds))
+        while wait > 0 and cost < self.limits.max_batch and time.monotonic() < deadline:
+            time.sleep(wait)
+            more = self.store.claim_key(self.name, key, self.limits.max_batch - cost)
+            jobs += more
+            cost += sum(j.cost for j in more)
+            if not more and cost >= target:
+                break
+        return jobs
+
     def run_once(self) -> bool:
         """Claim and run one batch; False when the queue was empty."""
         jobs = self.store.claim(self.name, sorted(JOB_KINDS), self.limits.max_batch)
         if not jobs:
             return False
-        room = self.limits.max_batch - sum(j.cost for j in jobs)
-        for _ in range(MAX_BATCH_WAITS):  # compatible requests arriving right now join this batch, while they come
-            if room <= 0 or self.limits.batch_wait_s <= 0:
-                break
-            time.sleep(self.limits.batch_wait_s)
-            more = self.store.claim_key(self.name, jobs[0].batch_key, room)
-            if not more:
-                break
-            jobs += more
-            room -= sum(j.cost for j in more)
+        jobs = self._fill(jobs)
+        key, cost, t0 = jobs[0].batch_key, sum(j.cost for j in jobs), time.monotonic()
         kind = JOB_KINDS[jobs[0].kind]
         try:
             model = self.pool.get(jobs[0].model)
             kind.run(jobs, model, self.ctx)
+            self.last[key] = (cost, time.monotonic() - t0)
         except GenlabError as e:
             for j in jobs:
                 self.store.fail(j.id, INVALID + str(e))
