@@ -453,6 +453,6 @@ def write_geneval(results: dict[str, dict[str, Any]], out_dir: str | Path, extra
     out.mkdir(parents=True, exist_ok=True)
     payload = {**(extra or {}), "geneval": results}
     write_atomic(out / "geneval.json", json.dumps(payload, indent=2))
-    head = "".join(f"- {k}: {v}\n" for k, v in (extra or {}).items() if not isinstance(v, dict | list))
+    head = "".join(f"- {k}: {json.dumps(v) if isinstance(v, dict | list) else v}\n" for k, v in (extra or {}).items())
     write_atomic(out / "geneval.md", f"# Shapes-GenEval\n\n{head}\nscore (images)\n\n{markdown_table(results)}")
     return {"json": out / "geneval.json", "md": out / "geneval.md"}
