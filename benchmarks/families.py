@@ -778,6 +778,10 @@ def plot_quality_cost(recs: dict[str, Any], out: Path) -> Path | None:
     ax.set_xscale("log")
     if all(f > 0 for _, f, _ in pts):
         ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
     ax.set(xlabel="sampling ms per image (log)", ylabel="FID (genlab MNIST features)",
            title="quality against sampling cost")
     ax.grid(alpha=0.3, which="both")
