@@ -283,6 +283,8 @@ def train_genlab(row: Row, settings: Settings, run_dir: Path) -> dict[str, Any]:
         info["diverged"] = False
     except GenlabError as e:  # a non-finite loss stops the trainer without saving: the row diverged
         info |= {"diverged": True, "error": str(e)}
+    if trainer.interrupted:  # Ctrl-C / SIGTERM: the trainer saved its checkpoint; the table stops here
+        raise KeyboardInterrupt
     info |= {"steps": trainer.step, "train_seconds": round(time.monotonic() - t_start, 1)}
     info["images_seen"] = trainer.step * cfg.train.batch_size
     info["train_flops"] = flops * trainer.step
