@@ -168,6 +168,8 @@ def worker_process(data_dir: str, models_dir: str, limits: Limits, memory_budget
                    name: str, parent_pid: int) -> None:
     """Entry point of a worker process (`genlab serve --workers N`): its own store connection and model pool."""
     _die_with_parent()
+    if os.getppid() != parent_pid:  # the server died while this process was starting
+        return
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1") or 1))
