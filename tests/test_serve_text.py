@@ -515,3 +515,65 @@ def test_api_text_jobs_are_recorded_in_the_queue(server):
     assert job["result"]["choices"][0]["text"] == reference_text(ids("over"), 10)
     again = httpx.post(server[0] + "/v1/jobs", json=body, headers={"Idempotency-Key": "text-job-1"}, timeout=30)
     assert again.json()["id"] == job["id"]  # a retry with the same key gets the same job
+
+
+@pytest.mark.slow
+def test_text_jobs_survive_a_killed_server(tmp_path):
+    """Queue text jobs, SIGKILL the server while it decodes them, start it again: every job ends with the text of
+    decoding it alone, and an idempotent retry gets the same job."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    trained_gpt().save_pretrained(tmp_path / "models" / "tiny")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def start() -> tuple[subprocess.Popen, str]:
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "genlab.cli", "serve", "--models", str(tmp_path / "models"),
+                                 "--data", str(tmp_path / "data"), "--port", str(port)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    return proc, url
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise AssertionError("the server did not start")
+
+    proc, url = start()
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(40)]
+    ids_ = []
+    for i, p in enumerate(prompts):
+        body = {"kind": "text.completion", "params": {"model": "tiny", "prompt": p, "max_tokens": 10,
+                                                      "temperature": 0}}
+        r = httpx.post(url + "/v1/jobs", json=body, headers={"Idempotency-Key": f"k{i}"}, timeout=30)
+        assert r.status_code in (200, 202), r.text
+        ids_.append(r.json()["id"])
+    while httpx.get(url + f"/v1/jobs/{ids_[0]}", timeout=30).json()["state"] == "queued":
+        time.sleep(0.01)
+    before = [httpx.get(url + f"/v1/jobs/{j}", timeout=30).json()["state"] for j in ids_[-5:]]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert before.count("done") < 5  # the restarted server has work left
+    proc, url = start()
+    try:
+        for _ in range(600):
+            states = [httpx.get(url + f"/v1/jobs/{j}", timeout=30).json() for j in ids_]
+            if all(s["state"] == "done" for s in states):
+                break
+            time.sleep(0.1)
+        for p, s in zip(prompts, states):
+            assert s["result"]["choices"][0]["text"] == reference_text(ids(p), 10)
+        body = {"kind": "text.completion", "params": {"model": "tiny", "prompt": prompts[3], "max_tokens": 10,
+                                                      "temperature": 0}}
+        again = httpx.post(url + "/v1/jobs", json=body, headers={"Idempotency-Key": "k3"}, timeout=30)
+        assert again.json()["id"] == ids_[3]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
