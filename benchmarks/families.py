@@ -563,12 +563,13 @@ def _row_spec(row: Row) -> dict[str, Any]:
 
 
 def run_rows(rows: list[Row], settings: Settings, out: Path, device: str = "cpu",
-             measure: Measure | None = None, log: Callable[[str], None] = print, keep_going: bool = False,
+             measure: Measure | None = None, log: Callable[[str], None] | None = None, keep_going: bool = False,
              cached_only: bool = False) -> dict[str, Any]:
     """Train (where needed) and measure each row; returns {"rows": {name: record}, "trained": [...],
     "measured": [...], "missing": [...], "failed": [...]}. A row whose key matches its stored record is neither
     trained nor measured again; runs shared by several rows train once."""
     (out / "rows").mkdir(parents=True, exist_ok=True)
+    log = log or (lambda msg: print(msg, flush=True))  # flushed: a background run's log shows where it is
     measure_ = measure
     records: dict[str, Any] = {}
     trained, measured, missing, failed = [], [], [], []
