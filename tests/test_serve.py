@@ -625,16 +625,19 @@ def test_worker_processes_share_the_queue_and_die_with_the_server(models_dir, tm
     try:
         children = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text().split()
         assert len(children) >= 1
+        workers: set[str] = set()
+        deadline = time.monotonic() + 240  # the worker process takes a while to import torch on a busy machine
         with server.client() as c:
-            ids = []
-            for i in range(6):  # two models, so that two batches can run at once
-                params = {"model": ("tiny", "uncond")[i % 2], "steps": 30, "seed": i}
-                ids.append(c.post("/v1/jobs", json={"kind": "image.generation", "params": params}).json()["id"])
-            assert all(wait_job(c, j, timeout=180)["state"] == "done" for j in ids)
-        db = sqlite3.connect(data_file := tmp_path / "data" / "genlab.sqlite3")
-        workers = {w for (w,) in db.execute("SELECT worker FROM jobs")}
-        db.close()
-        assert workers == {"worker-0", "worker-1"}, (workers, data_file)
+            while workers != {"worker-0", "worker-1"} and time.monotonic() < deadline:
+                ids = []
+                for i in range(4):  # two models, so that two batches can run at once
+                    params = {"model": ("tiny", "uncond")[i % 2], "steps": 30, "seed": i}
+                    ids.append(c.post("/v1/jobs", json={"kind": "image.generation", "params": params}).json()["id"])
+                assert all(wait_job(c, j, timeout=180)["state"] == "done" for j in ids)
+                db = sqlite3.connect(tmp_path / "data" / "genlab.sqlite3")
+                workers = {w for (w,) in db.execute("SELECT worker FROM jobs")}
+                db.close()
+        assert workers == {"worker-0", "worker-1"}
         with server.client() as c:  # past --timeout a synchronous request gets 504 and its job is cancelled
             r = c.post("/v1/images/generations", json={"model": "tiny", "steps": 100, "n": 16})
             assert r.status_code == 504 and "timed out" in r.json()["error"]["message"]
