@@ -79,6 +79,22 @@ class SampleConfig:
 
 
 @dataclass
+class LoraSection:
+    """LoRA (Hu et al. 2021): train h = W0 x + (alpha / r) B A x with W0 frozen; rank 0 trains the whole model."""
+
+    rank: int = 0  # r; > 0 needs model.init_from (the frozen base)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input
+
+
+@dataclass
+class AdaptConfig:
+    """How a trained model (`model.init_from`) is adapted."""
+
+    lora: LoraSection = field(default_factory=LoraSection)
+
+
+@dataclass
 class RunConfig:
     """A whole recipe: one model family trained on one dataset."""
 
@@ -89,6 +105,7 @@ class RunConfig:
     model: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
 def _type_name(tp: Any) -> str:

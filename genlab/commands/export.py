@@ -11,15 +11,23 @@ from genlab.config import check_output_path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a genlab GPT model folder (e.g. runs/fortunes-gpt/model)")
     p.add_argument("--to", choices=("hf",), default="hf", help="target format: hf (transformers Llama)")
-    p.add_argument("--out", default=None, help="output folder (default: MODEL-hf)")
+    p.add_argument("--out", default=None, help="output folder (default: MODEL-hf, or MODEL-merged with --merge)")
+    p.add_argument("--merge", action="store_true",
+                   help="write a genlab model folder with the LoRA adapter of MODEL merged into its weights")
 
 
 def run(args: argparse.Namespace) -> int:
     from genlab.models.gpt import GPT
     from genlab.models.hf_export import export_hf
+    from genlab.models.lora import merge_lora
 
-    out = check_output_path(args.out or str(Path(args.model)).rstrip("/") + "-hf", "--out", folder=True)
-    model = GPT.from_pretrained(args.model)
+    suffix = "-merged" if args.merge else "-hf"
+    out = check_output_path(args.out or str(Path(args.model)).rstrip("/") + suffix, "--out", folder=True)
+    model = merge_lora(GPT.from_pretrained(args.model))  # a LoRA adapter folder: W0 + (alpha / r) B A
+    if args.merge:
+        model.save_pretrained(out)
+        print(f"wrote {out} (a genlab model folder, the adapter merged)")
+        return 0
     export_hf(model, out)
     print(f"wrote {out} (LlamaForCausalLM + PreTrainedTokenizerFast with a chat template)")
     return 0

@@ -99,7 +99,7 @@ def _load(path: str, int8: bool):
     from genlab.nn.quant import quantize_int8
 
     path = resolve_model_dir(path)
-    if read_model_meta(path)[1].get("model_type") == "llama":
+    if (path / "config.json").is_file() and read_model_meta(path)[1].get("model_type") == "llama":
         model = GPT.from_pretrained(path).eval()
     else:
         model = GenerativeModel.from_pretrained(path).eval()

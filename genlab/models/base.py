@@ -89,6 +89,7 @@ class GenerativeModel(nn.Module):
     likelihood_estimators: ClassVar[tuple[str, ...]] = ()
     sample_options: ClassVar[frozenset[SampleOption]] = frozenset()
     per_item_seeds: ClassVar[bool] = False  # sample(generator=[g_0, ..., g_n-1]): item i depends on g_i alone
+    lora_targets: ClassVar[tuple[str, ...]] = ()  # names of the linear layers LoRA adapts (`models/lora.py`)
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -165,7 +166,12 @@ class GenerativeModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GenerativeModel:
-        """Load a model folder; when called on the base class the family is read from config.json."""
+        """Load a model folder; when called on the base class the family is read from config.json. A peft
+        adapter folder loads its base model (`base_model_name_or_path`) with the adapter on it."""
+        from genlab.models.lora import adapter_base, is_adapter_folder, load_adapter
+
+        if is_adapter_folder(directory):
+            return load_adapter(cls.from_pretrained(adapter_base(directory), map_location), directory)
         d, meta = read_model_meta(directory)
         family = meta.get("family")
         if not isinstance(family, str) or not family:
@@ -237,11 +243,12 @@ def read_model_meta(directory: str | Path) -> tuple[Path, dict[str, Any]]:
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A model folder (with config.json), or a run folder whose exported model is in `model/`."""
+    from genlab.models.lora import ADAPTER_CONFIG
+
     p = Path(path).expanduser()
-    if (p / CONFIG_NAME).is_file():
-        return p
-    if (p / "model" / CONFIG_NAME).is_file():
-        return p / "model"
+    for d in (p, p / "model"):
+        if (d / CONFIG_NAME).is_file() or (d / ADAPTER_CONFIG).is_file():
+            return d
     if (p / "checkpoints").is_dir():
         raise GenlabError(f"run folder {p} has no exported model yet: let training finish (or resume it) first")
     raise GenlabError(f"{p} is neither a model folder (config.json) nor a run folder with model/")

@@ -68,6 +68,7 @@ class GPT(GenerativeModel):
     conditioning = frozenset({Conditioning.NONE, Conditioning.TEXT})  # a text prompt
     output = Output.TEXT
     likelihood = Likelihood.EXACT  # the chain rule over tokens
+    lora_targets = ("wqkv", "wo", "w13", "w2")  # attention and MLP projections of every block
 
     def __init__(self, config: GPTConfig, tokenizer: Tokenizer | None = None) -> None:
         super().__init__(config)
@@ -307,7 +308,12 @@ class GPT(GenerativeModel):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> GPT:
-        """A genlab GPT folder, or a Hugging Face Llama folder (as written by `genlab export --to hf`)."""
+        """A genlab GPT folder, a Hugging Face Llama folder (as written by `genlab export --to hf`), or a LoRA
+        adapter folder on either."""
+        from genlab.models.lora import is_adapter_folder
+
+        if is_adapter_folder(directory):
+            return super().from_pretrained(directory, map_location)
         d, meta = read_model_meta(directory)
         if meta.get("model_type") == "llama":
             return cls._from_llama_folder(d, meta, map_location)

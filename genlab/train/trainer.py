@@ -276,6 +276,11 @@ class Trainer:
         set_seed(t.seed)  # the same initial weights on every process
         dataset = load_dataset(cfg.data)
         self.model = family.build(model_cfg, dataset)
+        self.adapter = None  # a peft model holding LoRA adapters on self.model (adapt.lora.rank > 0)
+        if cfg.adapt.lora.rank:
+            from genlab.models.lora import add_lora
+
+            self.adapter = add_lora(self.model, cfg.adapt.lora)
         self.model.check_sample_config(cfg.sample)
         self.data = self.model.prepare_data(dataset)
         if len(self.data) == 0:
@@ -288,6 +293,9 @@ class Trainer:
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         optimizers = self.model.configure_optimizers(t)
+        params = list(self.model.parameters())
+        trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+        self.log(f"trainable parameters: {trainable:,} of {total:,}")
         step_fn = getattr(self.model, "train_step", None)
         if step_fn is None and len(optimizers) != 1:
             raise GenlabError(f"the {cfg.family} family has {len(optimizers)} optimizers but no train_step")
@@ -663,7 +671,11 @@ class Trainer:
     def export(self) -> Path:
         """The EMA weights as a model folder `run_dir/model/`, and the loss plot."""
         out = self.run_dir / "model"
-        if self.is_main:
+        if self.is_main and self.adapter is not None:  # peft's adapter folder, the EMA weights in place
+            with self.ema.average_parameters():
+                self.adapter.save_pretrained(out, save_embedding_layers=False)  # embeddings are not adapted
+            plot_losses(self.metrics_path, self.samples_dir / "loss.png")
+        elif self.is_main:
             self.model.save_pretrained(out, state_dict=self.ema.model_state_dict(self.model))
             plot_losses(self.metrics_path, self.samples_dir / "loss.png")
         self.accelerator.wait_for_everyone()
