@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     show.add_argument("--image-size", type=int, default=None)
     show.add_argument("--seed", type=int, default=0)
     show.add_argument("--out", default=OUT)
+    info = sub.add_parser("info", help="where a PNG written by genlab came from: its stored parameters")
+    info.add_argument("image", help="a PNG written by genlab (sample, serve)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
         for r in rows:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
         return 0
+    if args.data_command == "info":
+        return _info(args.image)
     check_int("--n", args.n, 1, MAX_SAMPLES)
     check_seed("--seed", args.seed)
     if args.image_size is not None:
@@ -58,4 +62,30 @@ def run(args: argparse.Namespace) -> int:
     batch = ds.get_batch(idx)
     path = save_grid(batch["x"], args.out, params={"dataset": args.name, "split": args.split, "seed": args.seed})
     print(f"wrote {path} ({len(idx)} of {len(ds)} images; {ds.info.attribution})")
+    return 0
+
+
+def _info(image: str) -> int:
+    """Print the parameters genlab stored in a PNG, the generator and model hash first."""
+    import json
+    from pathlib import Path
+
+    from PIL import UnidentifiedImageError
+
+    from genlab.data.images import read_params
+
+    if not Path(image).is_file():
+        raise GenlabError(f"{image} is not a file; give a PNG written by genlab")
+    try:
+        params = read_params(image)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise GenlabError(f"{image} is not a readable PNG with genlab's parameters ({e.__class__.__name__})") from None
+    if not isinstance(params, dict):
+        raise GenlabError(f"{image} carries no genlab parameters (no 'genlab' PNG text chunk)")
+    first = ("generator", "genlab_version", "model", "model_hash", "family", "seed")
+    if params.get("generator"):
+        print(f"{image}: drawn by {params['generator']} {params.get('genlab_version', '?')} with model "
+              f"{params.get('model', '?')} (folder hash {params.get('model_hash', '?')}), seed {params.get('seed')}")
+    for key in [k for k in first if k in params] + sorted(k for k in params if k not in first):
+        print(f"  {key}: {json.dumps(params[key])}")
     return 0

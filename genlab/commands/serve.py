@@ -46,6 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cors-origin", action="append", default=[], help="allow browser requests from this origin "
                    "(repeatable; default: CORS off)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--prompt-filter", default=None, help="refuse prompts matching a rule of this list file (one "
+                   "word or phrase per line) with a 400 naming the rule")
+    p.add_argument("--safety-clip", default=None, help="a CLIP model folder whose image embeddings check every "
+                   "output against --safety-concepts")
+    p.add_argument("--safety-concepts", default=None, help="concepts to block, one 'CONCEPT = COSINE_THRESHOLD' "
+                   "per line; a blocked image is replaced by black and flagged")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -101,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
                     max_queue=args.max_queue, timeout_s=args.timeout, max_batch=args.max_batch,
                     batch_wait_s=args.batch_wait_ms / 1000)
     store = Store(data)
+    from genlab.serve.safety import configure
+
+    guards = configure(data, args.prompt_filter, args.safety_clip, args.safety_concepts) or {}
     requeued = store.requeue_running()  # a killed server's running jobs run again, from scratch, same seed
     pool = ModelPool(args.models, args.memory_budget_mb, device)
     state = ServeState(store, pool, limits, digests)
@@ -114,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
         procs.append(p)
     names = ", ".join(pool.entries) or "none yet"
     print(f"genlab serve: http://{args.host}:{args.port} serving {names}; data in {data}; {args.workers} "
-          f"worker(s); {requeued} job(s) requeued; keys {'required' if digests else 'off'}", file=sys.stderr,
-          flush=True)
+          f"worker(s); {requeued} job(s) requeued; keys {'required' if digests else 'off'}; prompt filter "
+          f"{'on' if 'prompt_filter' in guards else 'off'}; output checker {'on' if 'clip' in guards else 'off'}",
+          file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     finally:

@@ -31,7 +31,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from genlab.errors import GenlabError
-from genlab.serve import images
+from genlab.serve import images, safety, studio
 from genlab.serve.jobs import INVALID, JOB_KINDS, Worker, get_kind, load_kinds
 from genlab.serve.limits import BodyLimit, Limits, error_body, key_matches
 from genlab.serve.pool import ModelPool
@@ -135,6 +135,7 @@ class ServeState:
                 raise ApiError(429, f"the queue is full ({self.limits.max_queue} jobs); retry later",
                                {"Retry-After": str(RETRY_AFTER_S)}, "rate_limit_error")
         try:
+            safety.check_request(self.store.root, raw)  # the prompt filter: a 400 naming the matched rule
             prepared = await run_in_threadpool(kind.prepare, raw, self.pool, self.limits, self.store)
         except GenlabError as e:
             raise ApiError(400, str(e)) from None
@@ -397,6 +398,7 @@ def create_app(state: ServeState, cors_origins: list[str] | None = None, worker_
         return {"status": "ok", "queued_or_running": state.store.pending()}
 
     app.include_router(build_router(state))
+    studio.mount(app, ApiError)  # the web studio at / and its gallery and queue endpoints
     if importlib.util.find_spec(TEXT_ROUTER_MODULE) is not None:  # the text endpoints, once they exist
         app.include_router(importlib.import_module(TEXT_ROUTER_MODULE).router)
     if cors_origins:

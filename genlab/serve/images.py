@@ -38,6 +38,8 @@ from genlab.sampling.solvers import sampler_options
 from genlab.serve.jobs import JobKind, Prepared, WorkerContext, register
 from genlab.serve.limits import Limits
 from genlab.serve.pool import ModelPool
+from genlab.serve.provenance import generator_info, model_hash
+from genlab.serve.safety import checker_for
 from genlab.serve.store import Job, Store, new_id
 
 MAX_SEED = 2**62  # seeds are stored as SQLite integers (signed 64-bit); seed + i must stay below 2**63
@@ -178,7 +180,8 @@ def prepare(kind: str, raw: dict[str, Any], pool: ModelPool, limits: Limits, sto
     params = {"prompt": prompt, "negative": negative, "label": r.label, "n": r.n, "size": size,
               "steps": r.steps, "sampler": r.sampler, "schedule": r.schedule, "guidance_scale": r.guidance_scale,
               "temperature": r.temperature,
-              "response_format": r.response_format, "image": r.image, "mask": r.mask, "strength": r.strength}
+              "response_format": r.response_format, "image": r.image, "mask": r.mask, "strength": r.strength,
+              "model_hash": model_hash(pool.entry(name).path)}
     key = {"kind": kind, "model": name, "size": size, **{k: params[k] for k in
            ("steps", "sampler", "schedule", "guidance_scale", "temperature", "strength")},
            "negative": negative is not None, "mask": r.mask is not None}
@@ -258,12 +261,17 @@ def run_batch(jobs: list[Job], model: GenerativeModel, ctx: WorkerContext) -> No
     offsets = [sum(counts[:k]) for k in range(len(jobs))]
     live = {j.id for j in jobs}
     watched: set[str] = set()
+    checker = checker_for(ctx.store.root)  # the output checker, when the server has one
+
+    def shown(x: torch.Tensor) -> bytes:
+        """A preview, black when the checker blocks the current denoised image."""
+        return preview_png(checker.screen(x[None])[0][0] if checker is not None else x)
 
     def callback(d: dict[str, Any]) -> None:
         """Progress every step; a preview of the current denoised image for the jobs someone follows."""
         progress = min(0.99, (int(d["i"]) + 1) / total)
         denoised = d.get("denoised")
-        updates = {j.id: (progress, preview_png(denoised[off]) if denoised is not None and j.id in watched else None)
+        updates = {j.id: (progress, shown(denoised[off]) if denoised is not None and j.id in watched else None)
                    for j, off in zip(jobs, offsets) if j.id in live}
         cancelled, now_watched = ctx.store.step_watched(updates)
         live.difference_update(cancelled)
@@ -280,7 +288,10 @@ def run_batch(jobs: list[Job], model: GenerativeModel, ctx: WorkerContext) -> No
     except _AllCancelledError:
         return
     seconds = time.perf_counter() - t0
-    _write_outputs(jobs, model, x, cond, kw, ctx.store, live, seconds)
+    verdicts = None
+    if checker is not None:
+        x, verdicts = checker.screen(x)
+    _write_outputs(jobs, model, x, cond, kw, ctx.store, live, seconds, verdicts)
 
 
 def _start(jobs: list[Job], model: GenerativeModel, store: Store) -> Start:
@@ -297,7 +308,7 @@ def _start(jobs: list[Job], model: GenerativeModel, store: Store) -> Start:
 
 
 def _write_outputs(jobs: list[Job], model: GenerativeModel, x: torch.Tensor, cond: Any, kw: dict[str, Any],
-                   store: Store, live: set[str], seconds: float) -> None:
+                   store: Store, live: set[str], seconds: float, verdicts: list[Any] | None = None) -> None:
     params = sampling_params(model, {k: v for k, v in kw.items() if k not in ("start", "callback")})
     params.pop("guidance", None)
     params.pop("negative_label", None)
@@ -312,13 +323,17 @@ def _write_outputs(jobs: list[Job], model: GenerativeModel, x: torch.Tensor, con
         data, outputs = [], []
         for i in range(n):
             oid = new_id("img")
-            item = {"model": j.model, "family": model.family, **params, "seed": j.seed + i,
+            item = {**generator_info(), "model": j.model, "model_hash": j.params.get("model_hash"),
+                    "family": model.family, **params, "seed": j.seed + i,
                     "prompt": j.params["prompt"], "negative": j.params["negative"],
                     "label": _item_cond(cond, k) if j.params["prompt"] is None else None,
                     "strength": j.params["strength"] if j.params["image"] is not None else None,
                     "edit": j.params["image"] is not None, "mask": j.params["mask"] is not None}
+            if verdicts is not None:
+                item["safety"] = verdicts[k].as_dict()
             save_png(images[k], store.outputs_dir / f"{oid}.png", item)
-            data.append({"id": oid, "seed": j.seed + i, "params": item})
+            data.append({"id": oid, "seed": j.seed + i, "params": item,
+                         "blocked": bool(verdicts is not None and verdicts[k].blocked)})
             outputs.append((oid, f"{oid}.png", "image/png"))
             k += 1
         store.finish(j.id, {"created": int(time.time()), "data": data, "batch_images": len(images),
@@ -332,7 +347,7 @@ def respond(job: Job, store: Store, base_url: str) -> dict[str, Any]:
     data = []
     for item in result.get("data", []):
         out = {"revised_prompt": item["params"].get("prompt"), "id": item["id"], "seed": item["seed"],
-               "params": item["params"]}
+               "params": item["params"], "blocked": item.get("blocked", False)}
         if job.params["response_format"] == "url":
             out["url"] = f"{base_url.rstrip('/')}/v1/outputs/{item['id']}"
         else:
