@@ -484,9 +484,11 @@ def measure_row(row: Row, run_dir: Path, settings: Settings, measure: Measure, d
     images, ms, nfe = sample_row(model, row, n, settings.batch, labels, opts, per_item)
     out: dict[str, Any] = {"n": n, "ms_per_image": ms, "nfe": nfe, "sampling": sampling,
                            "conditional": labels is not None, "likelihood": likelihood.value}
-    if not torch.isfinite(images).all():
-        return out | {"nonfinite_samples": True}
-    out |= measure.stacked(images) if row.stacked else measure.images(images, labels)
+    bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+    if bad:  # a sample that is not a number cannot be scored: the row says how many, and keeps its likelihood
+        out["nonfinite_samples"] = bad
+    else:
+        out |= measure.stacked(images) if row.stacked else measure.images(images, labels)
     if likelihood is not Likelihood.NONE and not row.stacked:
         from genlab.eval.likelihood import nll_bits_per_dim
 
@@ -700,6 +702,15 @@ def _si(v: float | None) -> str:
     return f"{v:.3g}"
 
 
+def _quality(r: dict[str, Any]) -> str:
+    """The FID cell: the FID, or why there is none."""
+    if r.get("diverged"):
+        return "diverged"
+    if r.get("nonfinite_samples"):
+        return f"non-finite samples ({r['nonfinite_samples']}/{r['n']})"
+    return _f(r.get("fid"))
+
+
 def write_table(result: dict[str, Any], rows: list[Row], out: Path, note: str = "") -> dict[str, Path]:
     """families.md (tables + acceptance), families.png (FID vs ms per image) and families.json."""
     recs = result["rows"]
@@ -723,7 +734,7 @@ def write_table(result: dict[str, Any], rows: list[Row], out: Path, note: str = 
         kid = f"{r['kid']:.3g} ± {r['kid_se']:.2g}" if "kid" in r else "–"
         lines.append(f"| {row.name} | {_si(t.get('params'))} | {_si(t.get('train_flops'))} | {t.get('images_seen')} | "
                      f"{r.get('nfe', '–')} | {_f(r.get('ms_per_image'))} | "
-                     f"{'diverged' if r.get('diverged') else _f(r.get('fid'))} | {kid} | "
+                     f"{_quality(r)} | {kid} | "
                      f"{_f(r.get('precision'), '.2f')} | {_f(r.get('recall'), '.2f')} | "
                      f"{_f(r.get('density'), '.2f')} | "
                      f"{_f(r.get('coverage'), '.2f')} | {_f(r.get('class_kl'))} | "
@@ -740,10 +751,11 @@ def write_table(result: dict[str, Any], rows: list[Row], out: Path, note: str = 
         lines += ["", "Stacked-MNIST (unconditional, each channel classified by the MNIST classifier):", "",
                   "| row | params | images seen | ms/img | modes of 1000 | KL to uniform | n |", "|" + "---|" * 7]
         for row, r in stacked:
-            modes = "diverged" if r.get("diverged") else r.get("modes", "–")
+            modes = _quality(r) if r.get("diverged") or r.get("nonfinite_samples") else r.get("modes", "–")
             lines.append(f"| {row.name} | {_si(r['train'].get('params'))} | {r['train'].get('images_seen')} | "
                          f"{_f(r.get('ms_per_image'))} | {modes} | {_f(r.get('modes_kl'))} | {r.get('modes_n', '–')} |")
-    lines += ["", "Training: " + "; ".join(f"{name} {r['train'].get('steps')} steps in "
+    lines += ["", "Training (wall seconds, with the trainer's final preview and validation after the budget): "
+              + "; ".join(f"{name} {r['train'].get('steps')} steps in "
                                            f"{r['train'].get('train_seconds')} s" for name, r in recs.items())]
     if result.get("failed"):
         lines += ["", "Failed rows (this run): " + "; ".join(result["failed"])]

@@ -181,6 +181,8 @@ def test_acceptance_checks_on_constructed_rows():
     assert checks["flows <= 1.20 test bits/dim"] == "pass"
     assert checks["genlab diffusion FID <= 0.5 x diffusers row"] == "pass"
     assert checks["autoregressive model: the lowest bits/dim"] == "n/a"
+    assert fam._quality({"nonfinite_samples": 3, "n": 200}) == "non-finite samples (3/200)"
+    assert fam._quality({"diverged": True}) == "diverged" and fam._quality({"fid": 12.345}) == "12.3"
 
 
 def test_count_calls_and_flops():
