@@ -112,10 +112,9 @@ class UNet(nn.Module):
                    num_classes=num_classes, head_channels=config.head_channels, norm_groups=config.norm_groups,
                    context_dim=context_dim)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None,
-                context_mask: Tensor | None = None) -> Tensor:
-        """Predict eps for images `x` (B, C, H, W) at timesteps `t` (B,), labels `y` (B,) (null class allowed), and
-        with `context_dim`, text tokens `context` (B, L, context_dim) under `context_mask` (B, L; True = real)."""
+    def embedding(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None,
+                  context_mask: Tensor | None = None) -> Tensor:
+        """The conditioning vector every ResNet block reads: timestep + label (+ pooled text) embeddings."""
         emb = self.time_embed(t.expand(x.shape[0]))
         if self.label_embed is not None:
             if y is None:
@@ -125,24 +124,44 @@ class UNet(nn.Module):
             if context is None:
                 raise ValueError("this U-Net reads text tokens: pass context (and context_mask)")
             emb = emb + self.context_pool(masked_mean(context, context_mask))
+        return emb
 
-        def attend(attn: nn.Module, cross: nn.Module | None, h: Tensor) -> Tensor:
-            h = attn(h)
-            return cross(h, context, context_mask) if cross is not None else h
+    @staticmethod
+    def _attend(attn: nn.Module, cross: nn.Module | None, h: Tensor, context: Tensor | None,
+                context_mask: Tensor | None) -> Tensor:
+        h = attn(h)
+        return cross(h, context, context_mask) if cross is not None else h
 
-        h = self.conv_in(x)
+    def encode(self, h: Tensor, emb: Tensor, context: Tensor | None = None,
+               context_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """The down path and the middle from the output of `conv_in`: the middle's output and the skips."""
         hs = [h]
         for i, level in enumerate(self.down):
             for res, attn, cross in zip(level.res, level.attn, level.cross):
-                h = attend(attn, cross, res(h, emb))
+                h = self._attend(attn, cross, res(h, emb), context, context_mask)
                 hs.append(h)
             if i < len(self.downsample):
                 h = self.downsample[i](h)
                 hs.append(h)
-        h = self.mid_res2(attend(self.mid_attn, self.mid_cross, self.mid_res1(h, emb)), emb)
+        h = self.mid_res2(self._attend(self.mid_attn, self.mid_cross, self.mid_res1(h, emb), context, context_mask),
+                          emb)
+        return h, hs
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, context: Tensor | None = None,
+                context_mask: Tensor | None = None, residuals: tuple[list[Tensor], Tensor] | None = None) -> Tensor:
+        """Predict eps for images `x` (B, C, H, W) at timesteps `t` (B,), labels `y` (B,) (null class allowed), and
+        with `context_dim`, text tokens `context` (B, L, context_dim) under `context_mask` (B, L; True = real).
+        `residuals` (one per skip, and the middle's) are added to the encoder's features (a ControlNet's,
+        Zhang et al. 2023, eq. 4)."""
+        emb = self.embedding(x, t, y, context, context_mask)
+        h, hs = self.encode(self.conv_in(x), emb, context, context_mask)
+        if residuals is not None:
+            skip_res, mid_res = residuals
+            hs = [s + r for s, r in zip(hs, skip_res, strict=True)]
+            h = h + mid_res
         for i, level in enumerate(self.up):
             for res, attn, cross in zip(level.res, level.attn, level.cross):
-                h = attend(attn, cross, res(torch.cat([h, hs.pop()], dim=1), emb))
+                h = self._attend(attn, cross, res(torch.cat([h, hs.pop()], dim=1), emb), context, context_mask)
             if i < len(self.upsample):
                 h = self.upsample[i](h, hs[-1].shape[-2:])
         return self.conv_out(F.silu(self.norm_out(h)))
