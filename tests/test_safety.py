@@ -128,3 +128,28 @@ def test_configure_writes_the_rules_into_the_data_folder_and_removes_them(tmp_pa
         safety.configure(tmp_path / "data", None, str(rules), None)
     with pytest.raises(GenlabError, match="cannot read"):
         safety.configure(tmp_path / "data", str(tmp_path / "missing.txt"), None, None)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--prompt-filter", "{tmp}/missing.txt"], "cannot read"),
+    (["--prompt-filter", "{tmp}/empty.txt"], "no rule"),
+    (["--safety-clip", "{tmp}"], "together"),
+    (["--safety-concepts", "{tmp}/empty.txt"], "together"),
+    (["--safety-clip", "{tmp}/nothing", "--safety-concepts", "{tmp}/empty.txt"], "no concept"),
+    (["--safety-clip", "{tmp}/nothing", "--safety-concepts", "{tmp}/one.txt"], "--safety-clip"),
+])
+def test_serve_refuses_bad_guardrail_options_in_one_line(tmp_path, capsys, flags, fragment):
+    import socket
+
+    from genlab.cli import main
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    (tmp_path / "one.txt").write_text("red star = 0.3\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["serve", "--models", str(tmp_path / "models"), "--port", str(port)]
+    assert main(args + [f.format(tmp=tmp_path) for f in flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1, err

@@ -260,10 +260,13 @@ def configure(data_dir: str | Path, prompt_filter: str | None, safety_clip: str 
         config["prompt_filter"] = text
     if safety_clip is not None and safety_concepts is not None:
         text = _read_text(safety_concepts, "--safety-concepts", "CONCEPT = THRESHOLD lines")
+        concepts = parse_concepts(text, f"--safety-concepts {safety_concepts}")
+        from genlab.eval.clip import load_clip
+
         try:
-            load_checker(safety_clip, text, source=f"--safety-concepts {safety_concepts}")
+            ConceptChecker(load_clip(safety_clip), concepts)
         except GenlabError as e:
-            raise GenlabError(f"--safety-clip {safety_clip}: {e}" if "concepts" not in str(e) else str(e)) from None
+            raise GenlabError(f"--safety-clip {safety_clip}: {e}") from None
         config["clip"] = str(Path(safety_clip).resolve())
         config["concepts"] = text
     path = Path(data_dir) / CONFIG_NAME
