@@ -150,6 +150,16 @@ def test_bad_lora_settings_fail_with_one_line(tmp_path, sets, message):
                                        f"out_dir={tmp_path}", *sets]))
 
 
+def test_the_cli_refuses_lora_on_a_recipe_without_init_from_before_loading_data(tmp_path, capsys):
+    from genlab.cli import main
+
+    assert main(["train", "configs/fortunes-gpt.yaml", "--set", "adapt.lora.rank=8", "--set",
+                 f"out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "set model.init_from" in err[0]
+    assert not any(tmp_path.iterdir())
+
+
 def test_an_adapter_whose_base_is_gone_says_so(tmp_path):
     base_dir, model, peft_model = adapted(tmp_path)
     peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=False)

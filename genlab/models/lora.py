@@ -48,11 +48,16 @@ def adapter_base(directory: str | Path) -> Path:
     return p
 
 
-def check_lora(lora: Any) -> None:
-    """One-line errors for `adapt.lora.*` values."""
+def check_lora(lora: Any, family: type, config: Any) -> None:
+    """One-line errors for `adapt.lora.*` values, and for adapters on a family without `lora_targets` or on a
+    model that is not loaded from a folder (`config.init_from`), before anything is loaded."""
     check_int("adapt.lora.rank", lora.rank, 0, MAX_LORA_RANK)
     check_number("adapt.lora.alpha", lora.alpha, 0.0, None, low_open=True)
     check_number("adapt.lora.dropout", lora.dropout, 0.0, 1.0, high_open=True)
+    if lora.rank and not getattr(family, "lora_targets", ()):
+        raise GenlabError(f"the {family.family} family has no layers for LoRA; set adapt.lora.rank=0")
+    if lora.rank and not getattr(config, "init_from", None):
+        raise GenlabError("adapt.lora.rank > 0 adapts a trained model: set model.init_from to its folder")
 
 
 def add_lora(model: nn.Module, lora: Any) -> Any:
@@ -60,16 +65,12 @@ def add_lora(model: nn.Module, lora: Any) -> Any:
     that saves them. The base is the folder the model was loaded from (`model.config.init_from`)."""
     from peft import LoraConfig, get_peft_model
 
-    check_lora(lora)
-    targets = tuple(getattr(model, "lora_targets", ()))
-    if not targets:
-        raise GenlabError(f"the {model.family} family has no layers for LoRA; set adapt.lora.rank=0")
-    init_from = getattr(model.config, "init_from", None)
-    if not init_from:
-        raise GenlabError("adapt.lora.rank > 0 adapts a trained model: set model.init_from to its folder")
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(targets))
+    check_lora(lora, type(model), model.config)
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(model.lora_targets))
     peft_model = get_peft_model(model, config)
-    peft_model.peft_config["default"].base_model_name_or_path = str(Path(init_from).expanduser().resolve())
+    base = Path(model.config.init_from).expanduser().resolve()
+    peft_model.peft_config["default"].base_model_name_or_path = str(base)
     return peft_model
 
 

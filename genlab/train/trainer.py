@@ -273,6 +273,9 @@ class Trainer:
             raise GenlabError(f"train.batch_size={t.batch_size} must be divisible by grad_accum x processes "
                               f"= {t.grad_accum} x {self.world}")
 
+        from genlab.models.lora import check_lora
+
+        check_lora(cfg.adapt.lora, family, model_cfg)  # before the data and the model are loaded
         set_seed(t.seed)  # the same initial weights on every process
         dataset = load_dataset(cfg.data)
         self.model = family.build(model_cfg, dataset)
