@@ -119,8 +119,9 @@ def test_a_trained_adapter_is_peft_format_and_loads_with_peft_genlab_generate_an
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=0)
         assert (ours(x) - base(x)).abs().max() > 1e-4  # three steps moved the adapter
 
-    assert main(["generate", str(tmp_path / "lora"), "--prompt", "the", "--max-new-tokens", "8",
-                 "--temperature", "0"]) == 0
+    for int8 in ([], ["--int8"]):
+        assert main(["generate", str(tmp_path / "lora"), "--prompt", "the", "--max-new-tokens", "8",
+                     "--temperature", "0", *int8]) == 0
     merged_dir = tmp_path / "merged"
     assert main(["export", str(out), "--merge", "--out", str(merged_dir)]) == 0
     merged = GPT.from_pretrained(merged_dir).eval()

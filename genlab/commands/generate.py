@@ -106,7 +106,11 @@ def _load(path: str, int8: bool):
     if model.output is not Output.TEXT:
         raise GenlabError(f"{path} holds a {model.family} model, which outputs {model.output.value}, not text; "
                           "give a language model (a gpt folder, or a model that answers in text)")
-    return quantize_int8(model) if int8 else model
+    if int8:
+        from genlab.models.lora import merge_lora
+
+        return quantize_int8(merge_lora(model))  # a LoRA adapter is folded in before its weights are rounded
+    return model
 
 
 def _image_prompts(model, args: argparse.Namespace, texts: list[str]):
