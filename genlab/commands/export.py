@@ -1,4 +1,5 @@
-"""`genlab export MODEL --to hf --out DIR`: a folder transformers loads as LlamaForCausalLM."""
+"""`genlab export MODEL --to hf --out DIR`: a folder transformers loads as LlamaForCausalLM; `--to diffusers`: a
+folder diffusers' DDPMPipeline / DDIMPipeline (or AutoencoderKL) loads."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from genlab.config import check_output_path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a genlab GPT model folder (e.g. runs/fortunes-gpt/model)")
-    p.add_argument("--to", choices=("hf",), default="hf", help="target format: hf (transformers Llama)")
-    p.add_argument("--out", default=None, help="output folder (default: MODEL-hf, or MODEL-merged with --merge)")
+    p.add_argument("model", help="a genlab GPT model folder (e.g. runs/fortunes-gpt/model); with --to diffusers a "
+                   "diffusion or autoencoder_kl run or model folder (e.g. runs/mnist-ddpm)")
+    p.add_argument("--to", choices=("hf", "diffusers"), default="hf",
+                   help="target format: hf (transformers Llama) or diffusers (UNet2DModel + scheduler, AutoencoderKL)")
+    p.add_argument("--out", default=None, help="output folder (default: MODEL-hf, MODEL-diffusers, or MODEL-merged "
+                   "with --merge)")
     p.add_argument("--merge", action="store_true",
                    help="write a genlab model folder with the LoRA adapter of MODEL merged into its weights")
 
@@ -21,6 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from genlab.models.hf_export import export_hf
     from genlab.models.lora import merge_lora
 
+    if args.to == "diffusers":
+        return _run_diffusers(args)
     suffix = "-merged" if args.merge else "-hf"
     out = check_output_path(args.out or str(Path(args.model)).rstrip("/") + suffix, "--out", folder=True)
     model = merge_lora(GPT.from_pretrained(args.model))  # a LoRA adapter folder: W0 + (alpha / r) B A
@@ -30,4 +36,17 @@ def run(args: argparse.Namespace) -> int:
         return 0
     export_hf(model, out)
     print(f"wrote {out} (LlamaForCausalLM + PreTrainedTokenizerFast with a chat template)")
+    return 0
+
+
+def _run_diffusers(args: argparse.Namespace) -> int:
+    from genlab.errors import GenlabError
+    from genlab.models.base import GenerativeModel, resolve_model_dir
+    from genlab.models.diffusers_export import export_diffusers
+
+    if args.merge:
+        raise GenlabError("--merge writes a genlab folder; leave it out with --to diffusers")
+    out = check_output_path(args.out or str(Path(args.model)).rstrip("/") + "-diffusers", "--out", folder=True)
+    model = GenerativeModel.from_pretrained(resolve_model_dir(args.model))
+    print(f"wrote {out} ({export_diffusers(model, out)})")
     return 0
