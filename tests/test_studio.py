@@ -92,10 +92,14 @@ def clip_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """test_serve's models and `canvas`, an untrained 3-channel 16x16 DDPM for edits (strength 0 keeps the input)."""
+    """test_serve's models, test_serve_text's GPT (`gpt`) and `canvas`, an untrained 3-channel 16x16 DDPM for
+    edits (strength 0 keeps the input)."""
+    from test_serve_text import trained_gpt
+
     from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 
     root = make_models(tmp_path_factory.mktemp("studio-models"))
+    trained_gpt().save_pretrained(root / "gpt")
     torch.manual_seed(0)
     DiffusionModel(DiffusionConfig(num_classes=0, class_cond=False, image_size=SIDE, channels=3, base_channels=8,
                                    channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=())
@@ -343,3 +347,55 @@ def test_studio_without_a_key_says_so(page, plain):
     page.goto(plain.url + "/")
     page.wait_for_selector("#error:not([hidden])")
     assert "API key" in page.inner_text("#error")
+
+
+def test_studio_inpaints_a_painted_mask(page, plain, shots, tmp_path):
+    images, _ = renders(1, 5)
+    (tmp_path / "scene.png").write_bytes(png_bytes(images[0]))
+    open_studio(page, plain, KEY)
+    page.select_option("#model", "canvas")
+    assert page.is_visible("#edit-box") and page.is_hidden("#prompt-row")
+    page.set_input_files("#edit-image", str(tmp_path / "scene.png"))
+    page.wait_for_function("document.getElementById('mask-canvas').width === 16")
+    page.fill("#brush", "64")
+    page.dispatch_event("#strength", "input")
+    box = page.locator("#mask-canvas").bounding_box()
+    page.mouse.move(box["x"] + 8, box["y"] + 8)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=8)
+    page.mouse.up()
+    page.fill("#steps", "8")
+    page.fill("#seed", "9")
+    page.click("#generate")
+    page.wait_for_selector("#results .card")
+    page.screenshot(path=str(shots / "5-inpainted.png"))
+    with plain.client() as c:
+        newest = c.get("/v1/outputs", params={"limit": 1}).json()["data"][0]
+        job = c.get(f"/v1/jobs/{newest['job']}").json()
+    p = newest["params"]
+    assert p["model"] == "canvas" and p["edit"] is True and p["mask"] is True and p["seed"] == 9
+    assert p["strength"] == 0.75 and page.inner_text("#results .card").startswith("seed 9")
+    # the mask the server received (white = draw anew) is the stroke painted from the top-left corner
+    from PIL import Image
+
+    mask = np.asarray(Image.open(plain.data / "inputs" / f"{job['params']['mask']}.png"))
+    assert mask.shape[:2] == (16, 16) and mask[0, 0] == 255 and mask[15, 15] == 0 and mask[0, 15] == 0
+    assert mask[5, 5] == 255 and 8 < (mask > 127).sum() < 128
+
+
+def test_studio_streams_a_completion_and_a_chat(page, plain, shots):
+    open_studio(page, plain, KEY)
+    page.click("button[data-tab=text]")
+    page.select_option("#text-model", "gpt")
+    page.fill("#max-tokens", "12")
+    page.fill("#completion-prompt", "the")
+    page.click("#complete")
+    page.wait_for_function("document.getElementById('completion-out').textContent.length > 8")
+    page.wait_for_selector("#text-stop:disabled", state="attached")
+    page.fill("#chat-input", "hello there")
+    page.click("#chat-send")
+    page.wait_for_function("document.querySelector('#chat-log .msg.assistant span')?.textContent.length > 0")
+    page.screenshot(path=str(shots / "6-text.png"))
+    assert page.inner_text("#chat-log .msg.user").endswith("hello there")
+    assert page.is_hidden("#error")
+    page.click("button[data-tab=image]")

@@ -381,7 +381,8 @@ $("mask-canvas").addEventListener("pointermove", (ev) => { if (edit.painting) pa
 window.addEventListener("pointerup", () => { edit.painting = false; });
 
 function maskBlob() {
-  // genlab's mask convention: white = draw anew, black = keep; nothing painted: img2img (no mask)
+  // OpenAI's mask convention (a browser's PNG always has alpha): transparent = draw anew, opaque = keep;
+  // nothing painted: img2img (no mask)
   const c = $("mask-canvas");
   const painted = maskCtx.getImageData(0, 0, c.width, c.height).data;
   let any = false;
@@ -392,8 +393,8 @@ function maskBlob() {
   for (let i = 0; i < painted.length; i += 4) {
     const on = painted[i + 3] > 0;
     any = any || on;
-    img.data[i] = img.data[i + 1] = img.data[i + 2] = on ? 255 : 0;
-    img.data[i + 3] = 255;
+    img.data[i] = img.data[i + 1] = img.data[i + 2] = 0;
+    img.data[i + 3] = on ? 0 : 255;
   }
   octx.putImageData(img, 0, 0);
   return any ? new Promise((resolve) => out.toBlob(resolve, "image/png")) : Promise.resolve(null);
