@@ -5,7 +5,7 @@
   renders, its threshold set from the cosines it measures on its training renders; held-out renders go through
   the server (edits at strength 0 return their input, so the checked output is the render itself) and each verdict
   must equal the checker's offline; blocked images come back black and flagged. Its false positive and false
-  negative rates on held-out renders are printed and bounded.
+  negative rates on held-out renders are printed and bounded (marked slow: it trains the CLIP).
 - Provenance: a served PNG's parameters regenerate the same image, and `genlab data info` names its origin.
 - The gallery and queue endpoints; then the studio in Debian's chromium driven by Playwright: generate and see the
   progress bar, preview and seed; cancel; the gallery's reuse and delete; a filtered prompt refused with its rule.
@@ -108,18 +108,20 @@ def models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def guarded(models, clip_folder, tmp_path_factory):
-    root = tmp_path_factory.mktemp("guarded")
+def plain(models, tmp_path_factory):
+    """The server of the default tests: API keys and the prompt filter."""
+    root = tmp_path_factory.mktemp("plain")
     (root / "rules.txt").write_text(RULES)
-    s = Server(models, root / "data", "--prompt-filter", str(root / "rules.txt"), "--safety-clip",
-               str(clip_folder[0]), "--safety-concepts", str(clip_folder[1]), key=None).start()
+    s = Server(models, root / "data", "--max-steps", "1000", "--prompt-filter", str(root / "rules.txt")).start()
     yield s
     s.stop()
 
 
 @pytest.fixture(scope="module")
-def plain(models, tmp_path_factory):
-    s = Server(models, tmp_path_factory.mktemp("plain") / "data", "--max-steps", "1000").start()
+def checked(models, clip_folder, tmp_path_factory):
+    """A server with the concept checker (no key)."""
+    s = Server(models, tmp_path_factory.mktemp("checked") / "data", "--safety-clip", str(clip_folder[0]),
+               "--safety-concepts", str(clip_folder[1]), key=None).start()
     yield s
     s.stop()
 
@@ -133,13 +135,13 @@ def png_bytes(a: np.ndarray) -> bytes:
 
 
 # -- the prompt filter ---------------------------------------------------------------------------------------
-def test_prompt_filter_refuses_every_endpoint_naming_the_rule(guarded):
+def test_prompt_filter_refuses_every_endpoint_naming_the_rule(plain):
     def refused(r: httpx.Response) -> None:
         assert r.status_code == 400, r.text
         msg = r.json()["error"]["message"]
         assert "prompt filter" in msg and "'red star'" in msg and "line 2" in msg
 
-    with guarded.client() as c:
+    with plain.client() as c:
         refused(c.post("/v1/images/generations", json={"model": "t2i", "prompt": "two \uff32\uff25\uff24 stars, "
                                                                                  "a Red-Star"}))
         refused(c.post("/v1/images/generations", json={"model": "t2i", "prompt": "a circle",
@@ -157,7 +159,8 @@ def test_prompt_filter_refuses_every_endpoint_naming_the_rule(guarded):
 
 
 # -- the concept checker ---------------------------------------------------------------------------------------
-def test_checker_blocks_red_stars_on_held_out_renders_through_the_server(guarded, clip_folder, capsys):
+@pytest.mark.slow  # trains a CLIP (~20 s on a loaded core) and starts a server of its own
+def test_checker_blocks_red_stars_on_held_out_renders_through_the_server(checked, clip_folder, capsys):
     from genlab.eval.clip import load_clip
     from genlab.serve.safety import ConceptChecker, parse_concepts
 
@@ -173,7 +176,7 @@ def test_checker_blocks_red_stars_on_held_out_renders_through_the_server(guarded
     assert fn <= 0.25 and fp <= 0.35  # a 150-step CLIP; chance would be about 0.5 each
     # through the server: six red stars and twelve others; each verdict is the offline one
     pick = [i for i in range(len(images)) if truth[i]][:6] + [i for i in range(len(images)) if not truth[i]][:12]
-    with guarded.client() as c:
+    with checked.client() as c:
         for i in pick:
             r = c.post("/v1/images/edits", files={"image": ("r.png", png_bytes(images[i]))},
                        data={"model": "canvas", "strength": "0", "seed": "3"})
@@ -329,8 +332,8 @@ def test_studio_cancels_a_running_job(page, plain, shots):
         assert c.get("/v1/queue").json()["data"] == []
 
 
-def test_studio_shows_the_filters_refusal(page, guarded, shots):
-    open_studio(page, guarded, None)
+def test_studio_shows_the_filters_refusal(page, plain, shots):
+    open_studio(page, plain, KEY)
     page.select_option("#model", "t2i")
     assert page.is_visible("#prompt-row")
     page.fill("#prompt", "a big ＲＥＤ star")
