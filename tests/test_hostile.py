@@ -467,3 +467,22 @@ FAMILY_SIZES: list[tuple[str, str, str]] = [
 @pytest.mark.parametrize(("line", "fragment"), [c[1:] for c in FAMILY_SIZES], ids=[c[0] for c in FAMILY_SIZES])
 def test_family_recipe_sizes_are_one_line_errors(workspace, line, fragment, capsys, monkeypatch):
     test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)
+
+
+# genlab export --to diffusers: refused in one line before any file is written
+DIFFUSERS_EXPORT: list[tuple[str, str, str]] = [
+    ("dx-out-is-file", "export {w}/diff --to diffusers --out {w}/file.txt", "--out"),
+    ("dx-out-under-file", "export {w}/diff --to diffusers --out {w}/file.txt/sub", "file.txt"),
+    ("dx-gpt", "export {w}/gpt --to diffusers --out {w}/dx", "gpt"),
+    ("dx-merge", "export {w}/diff --to diffusers --merge --out {w}/dx", "--merge"),
+    ("dx-missing", "export {w}/nothing --to diffusers --out {w}/dx", "nothing"),
+    ("dx-truncated-weights", "export {w}/truncated --to diffusers --out {w}/dx", "model.safetensors"),
+    ("dx-unknown-family", "export {w}/cfg_unknown_family --to diffusers --out {w}/dx", "hopfield"),
+    ("dx-unknown-target", "export {w}/diff --to onnx --out {w}/dx", "onnx"),
+]
+
+
+@pytest.mark.parametrize(("line", "fragment"), [c[1:] for c in DIFFUSERS_EXPORT],
+                         ids=[c[0] for c in DIFFUSERS_EXPORT])
+def test_diffusers_export_hostile_inputs(workspace, line, fragment, capsys, monkeypatch):
+    test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)
