@@ -128,6 +128,12 @@ def test_a_trained_adapter_is_peft_format_and_loads_with_peft_genlab_generate_an
     assert not lora_layers(merged)
     with torch.no_grad():
         torch.testing.assert_close(merged(x), ours(x), atol=1e-5, rtol=0)
+    ppl = {}
+    for name, folder in (("adapter", tmp_path / "lora"), ("merged", merged_dir)):
+        assert main(["eval", str(folder), "--data", str(text), "--metrics", "nll", "--out",
+                     str(tmp_path / f"eval-{name}")]) == 0
+        ppl[name] = json.loads((tmp_path / f"eval-{name}" / "eval.json").read_text())["perplexity"]
+    assert ppl["adapter"] == pytest.approx(ppl["merged"], rel=1e-5)
 
 
 @pytest.mark.parametrize(("sets", "message"), [

@@ -96,8 +96,11 @@ def _run_data(model_dir: Path) -> str | None:
 def _load_model(model_dir: Path, device: str) -> Any:
     """The family's own `from_pretrained` (a language model also loads its tokenizer.json)."""
     from genlab.models.base import read_model_meta
+    from genlab.models.lora import is_adapter_folder
     from genlab.registry import MODELS
 
+    if is_adapter_folder(model_dir):  # a LoRA adapter: its base model with the adapter on it
+        return GenerativeModel.from_pretrained(model_dir, map_location=device).to(device).eval()
     family = read_model_meta(model_dir)[1].get("family")
     cls = MODELS.get(family) if isinstance(family, str) and family else GenerativeModel  # the base class says why not
     return cls.from_pretrained(model_dir, map_location=device).to(device).eval()
