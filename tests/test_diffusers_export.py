@@ -100,6 +100,23 @@ def test_diffusers_pipeline_draws_genlab_images(exported, sampler, steps):
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_zero_terminal_snr_maps_to_rescale_betas_zero_snr(tmp_path, sampler):
+    """genlab clamps the last alpha_bar to ZERO_SNR_ALPHA_BAR where diffusers keeps 0; leading spacing never visits
+    the last timestep, so the images agree."""
+    model = tiny_diffusion(class_cond=False, zero_terminal_snr=True, prediction="v")
+    export_diffusers(model, tmp_path / "z")
+    pipe_class, kw = (DDIMPipeline, {"use_clipped_model_output": True}) if sampler == "ddim" else (DDPMPipeline, {})
+    pipe = pipe_class.from_pretrained(tmp_path / "z")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    theirs = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                  output_type="np", **kw).images
+    ours = _genlab_images(model, sampler, 10)
+    _assert_real_images(ours)
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_scheduler_loop_draws_class_conditional_images(exported, sampler):
     model, out = exported
     if not model.num_classes:
