@@ -6,6 +6,8 @@ Any sampler of `--list-samplers` with its options (`--opt s_churn=1`), a `--sche
 Text-to-image models take `--prompt "a red circle left of a blue square" --negative-prompt "green"` (the negative
 prompt replaces the unconditional branch of guidance) or `--prompt-file prompts.txt` (one prompt per line, each
 drawn `--n` times), with img2img and inpainting too; each PNG records its prompt.
+ControlNet models take `--control edges.png --control-scale 1.0` (repeatable: the controls' residuals add up by their
+scales).
 
 Any image family: the options a family does not declare it takes (`GenerativeModel.sample_options`,
 `conditioning`) are refused with the list of those it does, e.g. a KL autoencoder decodes prior draws and takes
@@ -83,6 +85,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "repeated (needs --mask and --sampler ddpm; 1 = off)")
     p.add_argument("--repaint-jump-length", type=int, default=None, help="RePaint: steps per jump back up "
                    "(default 10)")
+    p.add_argument("--control", action="append", default=[], help="ControlNet models: a control image (e.g. an edge "
+                   "map, white = edge); repeatable, the controls' residuals add up by their --control-scale")
+    p.add_argument("--control-scale", type=float, action="append", default=[], help="ControlNet models: the weight "
+                   "of each --control (one for all, or one per control; default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--out", default=None, help="grid PNG (default grid.png unless --out-dir is given)")
     p.add_argument("--out-dir", default=None, help="also write one PNG per image into this folder")
@@ -141,10 +147,26 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.cfg == 1 and unguided:
         raise GenlabError(f"{' and '.join(unguided)} act through guidance and do nothing with --cfg 1; raise --cfg")
     _check_prompts(args)
+    _check_controls(args)
     if args.out is not None or args.out_dir is None:
         check_output_path(args.out or "grid.png", "--out", suffix=".png")
     if args.out_dir is not None:
         check_output_path(args.out_dir, "--out-dir", folder=True)
+
+
+MAX_CONTROLS = 8
+
+
+def _check_controls(args: argparse.Namespace) -> None:
+    """--control / --control-scale: counts and ranges (the model checks the images against itself)."""
+    if args.control_scale and not args.control:
+        raise GenlabError("--control-scale weighs a --control image; give --control edges.png")
+    check_int("the number of --control images", len(args.control), 0, MAX_CONTROLS)
+    if len(args.control_scale) not in (0, 1, len(args.control)):
+        raise GenlabError(f"{len(args.control_scale)} --control-scale values for {len(args.control)} --control "
+                          "images; give one for all or one per control")
+    for v in args.control_scale:
+        check_number("--control-scale", v, 0, 10, hint="1 = as trained, 0 = off")
 
 
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is a mistake whatever the model's token limit
@@ -213,6 +235,7 @@ def check_family_takes(model: GenerativeModel, args: argparse.Namespace,
 FLAGS: dict[SampleOption | Conditioning, tuple[str, ...]] = {
     Conditioning.CLASS_LABEL: ("label",),
     Conditioning.TEXT: ("prompt", "negative_prompt", "prompt_file"),
+    Conditioning.CONTROL_IMAGE: ("control", "control_scale"),
     SampleOption.SAMPLER: ("sampler", "opt", "eta", "schedule", "spacing"),
     SampleOption.STEPS: ("steps",),
     SampleOption.GUIDANCE: ("cfg", "negative_label", "guidance_rescale"),
@@ -237,6 +260,13 @@ def _sample_kwargs(model: GenerativeModel, args: argparse.Namespace) -> dict[str
         repaint = {k: getattr(args, k) for k in ("repaint_jumps", "repaint_jump_length") if _given(args, k)}
         kw["start"] = Start(_read_image(args.init_image, c, size, "init-image"), strength=args.strength, mask=mask,
                             **repaint)
+    if args.control:
+        from genlab.models.controlnet import Control
+
+        _, size, _ = model.image_shape
+        images = torch.cat([_read_image(path, 1, size, "control") for path in args.control])
+        scales = args.control_scale * len(args.control) if len(args.control_scale) == 1 else args.control_scale
+        kw["control"] = Control(images, tuple(scales or [1.0] * len(args.control)))
     return kw
 
 
@@ -247,6 +277,8 @@ def sampling_params(model: GenerativeModel, kw: dict[str, Any]) -> dict[str, Any
                 if p.default is not inspect.Parameter.empty and k not in ("cond", "generator", "callback", "progress")}
     params = {**defaults, **kw}
     guidance, start = params.pop("guidance", None), params.pop("start", None)
+    if (control := params.pop("control", None)) is not None:
+        params["control_scale"] = list(control.scales)
     if guidance is not None:
         negative = "negative_prompt" if isinstance(guidance.negative, str) else "negative_label"
         params |= {"cfg": guidance.scale, negative: guidance.negative, "guidance_rescale": guidance.rescale}
@@ -273,18 +305,18 @@ def _parse_opts(pairs: list[str]) -> dict[str, Any]:
 
 
 def _read_image(path: str, channels: int, size: int, what: str) -> torch.Tensor:
-    """An image file as (1, channels, size, size) in [-1, 1] (a mask: "L" in [0, 1], nearest resize)."""
+    """An image file as (1, channels, size, size) in [-1, 1] (a mask or control: "L" in [0, 1], nearest resize)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             mode = "L" if channels == 1 else "RGB"
-            im = im.convert(mode).resize((size, size), Image.Resampling.NEAREST if what == "mask"
+            im = im.convert(mode).resize((size, size), Image.Resampling.NEAREST if what in ("mask", "control")
                                          else Image.Resampling.LANCZOS)
             a = np.asarray(im, dtype=np.uint8)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
         raise GenlabError(f"cannot read --{what} {path} ({e.__class__.__name__}); give a PNG or JPEG file") from None
-    if what == "mask":
+    if what in ("mask", "control"):
         return torch.from_numpy(a.copy()).float().div(255.0)[None, None]
     return from_uint8(a[None])
 
@@ -334,7 +366,7 @@ def _write(args: argparse.Namespace, model: GenerativeModel, x: torch.Tensor, la
     """The grid (one row per class when cycling classes, one per prompt of a prompt file) and, with --out-dir, one
     PNG per image; each PNG's text chunk holds its prompt(s)."""
     common = {"model": str(args.model), "family": model.family, **params, "init_image": args.init_image,
-              "mask": args.mask}
+              "mask": args.mask, "control": args.control or None}
     n = len(x)
     if args.out_dir:
         for i, img in enumerate(to_uint8(x)):

@@ -1,0 +1,97 @@
+"""ControlNet (Zhang et al. 2023): a trainable copy of a U-Net's encoder (down path + middle) that reads a control
+image through a small hint encoder and feeds the frozen U-Net one residual per skip and one for the middle, each
+through a zero-initialised 1x1 convolution, so that at initialisation the base model's output is unchanged
+(sec. 3.1, eqs. 1-2); and the Sobel edge map the edge control is made of."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genlab.nn.unet import UNet
+
+SOBEL_X = ((-1.0, 0.0, 1.0), (-2.0, 0.0, 2.0), (-1.0, 0.0, 1.0))
+
+
+def zero_conv(channels: int) -> nn.Conv2d:
+    """A 1x1 convolution with weight and bias at zero (Zhang et al. 2023, eq. 2: Z(.; Theta_z))."""
+    conv = nn.Conv2d(channels, channels, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+def sobel_magnitude(images: Tensor) -> Tensor:
+    """|grad| of the grey level of images (B, C, H, W) in [-1, 1], grey mapped to [0, 1], by the 3x3 Sobel filters
+    (replicate padding): (B, 1, H, W), at most 4 * sqrt(2)."""
+    grey = (images.float().mean(dim=1, keepdim=True) + 1.0) / 2.0
+    kx = torch.tensor(SOBEL_X, dtype=grey.dtype, device=grey.device)
+    kernels = torch.stack([kx, kx.T])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
+    g = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+    return g.pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+def sobel_edges(images: Tensor, threshold: float = 1.0) -> Tensor:
+    """The edge map of images (B, C, H, W) in [-1, 1]: 1 where the Sobel gradient magnitude exceeds `threshold`,
+    else 0, as (B, 1, H, W) floats (the edge control; Zhang et al. 2023 use Canny, sec. 4)."""
+    return (sobel_magnitude(images) > threshold).float()
+
+
+class HintEncoder(nn.Module):
+    """The control image to base_channels features at full resolution, its last convolution zero-initialised
+    (Zhang et al. 2023, sec. 3.2: the tiny network E(.) whose output is added after the copy's conv_in)."""
+
+    def __init__(self, control_channels: int, channels: int, hidden: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(control_channels, hidden, 3, padding=1), nn.SiLU(),
+                                  nn.Conv2d(hidden, hidden, 3, padding=1), nn.SiLU())
+        self.out = nn.Conv2d(hidden, channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, control: Tensor) -> Tensor:
+        return self.out(self.body(control))
+
+
+class ControlNet(nn.Module):
+    """A trainable copy of `unet`'s timestep/label embeddings, conv_in, down path and middle (initialised from its
+    weights), a hint encoder and zero convolutions; `forward` gives the residuals `UNet.forward(residuals=...)`
+    adds: y_c = F(x; Theta) + Z(F(x + Z(c; Theta_z1); Theta_c); Theta_z2) (Zhang et al. 2023, eq. 2)."""
+
+    def __init__(self, unet: UNet, control_channels: int = 1) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(unet)
+        for name in ("up", "upsample", "norm_out", "conv_out"):  # the decoder stays in the frozen base only
+            delattr(self.encoder, name)
+        self.encoder.requires_grad_(True)
+        self.hint = HintEncoder(control_channels, unet.conv_in.out_channels)
+        self.zero_convs = nn.ModuleList(zero_conv(c) for c in self.skip_channels(unet))
+        self.mid_zero_conv = zero_conv(unet.mid_res2.conv2.out_channels)
+
+    @staticmethod
+    def skip_channels(unet: UNet) -> list[int]:
+        """The channels of each skip the encoder keeps (conv_in, every ResNet block, every downsample)."""
+        chans = [unet.conv_in.out_channels]
+        for i, level in enumerate(unet.down):
+            chans += [res.conv2.out_channels for res in level.res]
+            if i < len(unet.downsample):
+                chans.append(unet.downsample[i].conv.out_channels)
+        return chans
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None, control: Tensor, context: Tensor | None = None,
+                context_mask: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+        """Residuals for the skips and the middle from noisy `x`, timesteps `t`, labels `y` and `control`
+        (B, control_channels, H, W)."""
+        enc = self.encoder
+        emb = enc.embedding(x, t, y, context, context_mask)
+        h, hs = enc.encode(enc.conv_in(x) + self.hint(control), emb, context, context_mask)
+        return [z(s) for z, s in zip(self.zero_convs, hs, strict=True)], self.mid_zero_conv(h)
+
+
+def combine_residuals(parts: list[tuple[list[Tensor], Tensor]], scales: list[float]) -> tuple[list[Tensor], Tensor]:
+    """sum_k scale_k * residuals_k over several controls (diffusers' MultiControlNet with conditioning scales)."""
+    skips = [sum(s * p[0][i] for p, s in zip(parts, scales)) for i in range(len(parts[0][0]))]
+    return skips, sum(s * p[1] for p, s in zip(parts, scales))
