@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
     names = ", ".join(pool.entries) or "none yet"
     print(f"genlab serve: http://{args.host}:{args.port} serving {names}; data in {data}; {args.workers} "
           f"worker(s); {requeued} job(s) requeued; keys {'required' if digests else 'off'}; prompt filter "
-          f"{'on' if 'prompt_filter' in guards else 'off'}; output checker {'on' if 'clip' in guards else 'off'}",
+          f"{'on' if 'prompt_filter' in guards else 'off'}; output checker {'on' if 'concepts' in guards else 'off'}",
           file=sys.stderr, flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
