@@ -486,3 +486,32 @@ DIFFUSERS_EXPORT: list[tuple[str, str, str]] = [
                          ids=[c[0] for c in DIFFUSERS_EXPORT])
 def test_diffusers_export_hostile_inputs(workspace, line, fragment, capsys, monkeypatch):
     test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)
+
+
+# ControlNet: `genlab sample --control` and the controlnet recipe
+CONTROLNET = [
+    ("sample-control-on-diffusion", "sample {w}/diff --n 1 --steps 1 --control {w}/mask.png --out {w}/c.png",
+     "does not take --control"),
+    ("sample-control-scale-alone", "sample {w}/diff --n 1 --control-scale 0.5 --out {w}/c.png", "--control edges.png"),
+    ("sample-control-scale-nan", "sample {w}/diff --n 1 --control {w}/mask.png --control-scale nan --out {w}/c.png",
+     "--control-scale"),
+    ("sample-control-scale-count", "sample {w}/diff --n 1 --control {w}/mask.png --control-scale 1 --control-scale 2 "
+     "--control-scale 3 --out {w}/c.png", "one per control"),
+    ("train-controlnet-missing-base", "train mnist-controlnet --run-dir {w}/run --set model.init_from={w}/nothing",
+     "nothing"),
+    ("train-controlnet-gpt-base", "train mnist-controlnet --run-dir {w}/run --set model.init_from={w}/gpt", "gpt"),
+    ("train-controlnet-size", "train mnist-controlnet --run-dir {w}/run --set model.init_from={w}/diff", "8px"),
+    ("train-controlnet-classes", "train mnist-controlnet --run-dir {w}/run --set model.init_from={w}/diff "
+     "--set data.image_size=8", "10 classes"),
+    ("train-controlnet-control", "train mnist-controlnet --run-dir {w}/run --set model.init_from={w}/diff "
+     "--set model.control=canny", "model.control"),
+    ("train-controlnet-threshold", "train mnist-controlnet --run-dir {w}/run --set model.edge_threshold=-1",
+     "model.edge_threshold"),
+    ("train-controlnet-base-key", "train mnist-controlnet --run-dir {w}/run --set model.init_from={w}/diff "
+     "--set data.image_size=8 --set model.base_channels=64", "model.base_channels"),
+]
+
+
+@pytest.mark.parametrize(("line", "fragment"), [c[1:] for c in CONTROLNET], ids=[c[0] for c in CONTROLNET])
+def test_controlnet_hostile_inputs(workspace, line, fragment, capsys, monkeypatch):
+    test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)

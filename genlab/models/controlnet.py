@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from genlab.config import to_dict
+from genlab.config import check_number, to_dict
 from genlab.errors import GenlabError
 from genlab.models.base import Conditioning, GenerativeModel, resolve_model_dir
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
@@ -76,6 +76,13 @@ def control_of(images: Tensor, config: ControlNetConfig) -> Tensor:
     return sobel_edges(images, config.edge_threshold)
 
 
+def _check_control(config: ControlNetConfig) -> None:
+    if config.control not in CONTROLS:
+        raise GenlabError(f"model.control={config.control!r} is unknown; choose one of: {', '.join(CONTROLS)}")
+    check_number("model.edge_threshold", config.edge_threshold, 0, 4 * 2**0.5,
+                 hint="the Sobel magnitude of a grey level in [0, 1] is at most 4 sqrt 2")
+
+
 @MODELS.register("controlnet")
 class ControlNetModel(DiffusionModel):
     """A diffusion model steered by control images through a ControlNet; only the ControlNet's parameters train."""
@@ -85,8 +92,7 @@ class ControlNetModel(DiffusionModel):
     conditioning = DiffusionModel.conditioning | {Conditioning.CONTROL_IMAGE}
 
     def __init__(self, config: ControlNetConfig) -> None:
-        if config.control not in CONTROLS:
-            raise GenlabError(f"model.control={config.control!r} is unknown; choose one of: {', '.join(CONTROLS)}")
+        _check_control(config)
         if config.backbone != "unet" or config.autoencoder_config:
             raise GenlabError("a ControlNet copies a pixel-space U-Net's encoder: model.init_from must hold a "
                               "diffusion model with backbone unet and no autoencoder")
@@ -99,6 +105,7 @@ class ControlNetModel(DiffusionModel):
     @classmethod
     def build(cls, config: ControlNetConfig, dataset: Any) -> ControlNetModel:
         """The base model of `init_from` (frozen) with a ControlNet whose encoder starts as a copy of its own."""
+        _check_control(config)
         if not config.init_from:
             raise GenlabError("family controlnet needs model.init_from: a trained diffusion model (or run) folder")
         base = GenerativeModel.from_pretrained(resolve_model_dir(config.init_from))
