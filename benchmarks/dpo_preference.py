@@ -6,9 +6,10 @@
 
 Prompts are the first word of fortunes lines (train split for pairs, test split for the score). The score of a
 completion is its share of letters that are "e" (lower is better; no letters at all counts as 1, so an empty
-answer never wins). `score` draws one completion per held-out prompt from each model with the same seeds
+answer never wins), or with `--prefer short` its length in characters. `score` draws one completion per held-out
+prompt from each model with the same seeds
 (temperature 1, no truncation, so the samples are the policy's own) and reports the win rate of the DPO model
-over the SFT model (ties count half), both mean e-rates, and KL(pi || pi_ref) estimated as the mean over the DPO
+over the SFT model (ties count half), both mean scores, and KL(pi || pi_ref) estimated as the mean over the DPO
 model's samples of log pi(y | x) - log pi_ref(y | x) in nats per completion (Rafailov et al. 2023, eq. 3).
 """
 
@@ -30,6 +31,9 @@ from genlab.sampling.text import GenerationConfig, generate
 def e_rate(text: str) -> float:
     letters = [c for c in text.lower() if c.isalpha()]
     return sum(c == "e" for c in letters) / len(letters) if letters else 1.0
+
+
+SCORES = {"no-e": e_rate, "short": len}  # lower is preferred: share of letters "e", or characters
 
 
 def prompts(split: str, n: int, seed: int) -> list[str]:
@@ -68,14 +72,14 @@ def make_pairs(args: argparse.Namespace) -> None:
     texts = prompts("train", args.n, args.seed)
     _, a = sample(model, texts, args.seed, args.max_new)
     _, b = sample(model, texts, args.seed + 1, args.max_new)
-    tok = model.tokenizer
+    tok, rank = model.tokenizer, SCORES[args.prefer]
     kept = 0
     with open(args.out, "w", encoding="utf-8") as f:
         for t, x, y in zip(texts, a, b, strict=True):
             sx, sy = tok.decode(x), tok.decode(y)
-            if e_rate(sx) == e_rate(sy) or sx == sy:
+            if rank(sx) == rank(sy) or sx == sy:
                 continue
-            chosen, rejected = (sx, sy) if e_rate(sx) < e_rate(sy) else (sy, sx)
+            chosen, rejected = (sx, sy) if rank(sx) < rank(sy) else (sy, sx)
             f.write(json.dumps({"prompt": t, "chosen": chosen, "rejected": rejected}) + "\n")
             kept += 1
     print(f"wrote {kept} pairs of {len(texts)} prompts to {args.out}")
@@ -86,15 +90,15 @@ def score(args: argparse.Namespace) -> None:
     texts = prompts("test", args.n, args.seed)
     ids, ours = sample(dpo, texts, args.seed, args.max_new)
     _, theirs = sample(sft, texts, args.seed, args.max_new)
-    tok = dpo.tokenizer
+    tok, rank = dpo.tokenizer, SCORES[args.prefer]
     wins = 0.0
     for x, y in zip(ours, theirs, strict=True):
-        rx, ry = e_rate(tok.decode(x)), e_rate(tok.decode(y))
+        rx, ry = rank(tok.decode(x)), rank(tok.decode(y))
         wins += 1.0 if rx < ry else 0.5 if rx == ry else 0.0
     kl = (seq_logps(dpo, ids, ours) - seq_logps(sft, ids, ours)).mean()
-    mean = lambda xs: sum(e_rate(tok.decode(x)) for x in xs) / len(xs)  # noqa: E731
-    print(json.dumps({"prompts": len(texts), "win_rate": wins / len(texts), "e_rate_dpo": mean(ours),
-                      "e_rate_sft": mean(theirs), "kl_nats": float(kl),
+    mean = lambda xs: sum(rank(tok.decode(x)) for x in xs) / len(xs)  # noqa: E731
+    print(json.dumps({"prefer": args.prefer, "prompts": len(texts), "win_rate": wins / len(texts),
+                      "score_dpo": mean(ours), "score_sft": mean(theirs), "kl_nats": float(kl),
                       "tokens_dpo": sum(map(len, ours)) / len(ours), "tokens_sft": sum(map(len, theirs)) / len(theirs),
                       "examples": [tok.decode(x) for x in ours[:3]]}))
 
@@ -113,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--n", type=int, default=512)
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--max-new", type=int, default=32)
+        q.add_argument("--prefer", choices=sorted(SCORES), default="no-e",
+                       help="no-e: fewer letters e (default); short: fewer characters")
     args = p.parse_args(argv)
     make_pairs(args) if args.cmd == "pairs" else score(args)
     return 0
