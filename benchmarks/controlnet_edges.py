@@ -1,6 +1,7 @@
 """Edge agreement of a ControlNet model (Zhang et al. 2023): for held-out test images, the Sobel edge map is the
 control; each is drawn with and without it (same label, same seed), and the output's edge map is compared with the
-control's by edge F1 (`genlab.eval.edges`, 1-pixel tolerance).
+control's by edge F1 (`genlab.eval.edges`, at 0 and 1 pixel of tolerance). A chance floor: the F1 of another test
+digit of the same class (the next one in the split) against the control.
 
     python benchmarks/controlnet_edges.py runs/mnist-controlnet --n 100 --steps 20 --cfg 3
 """
@@ -27,7 +28,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--tolerance", type=int, default=1)
+    p.add_argument("--tolerance", type=int, nargs="+", default=[0, 1], help="pixel tolerances of the F1")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", default="mnist", help="the dataset whose test split gives the held-out controls")
     args = p.parse_args()
@@ -35,6 +36,8 @@ def main() -> None:
     model = GenerativeModel.from_pretrained(resolve_model_dir(args.model)).eval()
     ds = load_dataset(args.data, split="test")
     batch = ds.get_batch(list(range(args.n)))
+    rest = ds.get_batch(list(range(args.n, min(len(ds), 20 * args.n))))
+    others = [int((rest["label"] == y).nonzero()[0]) for y in batch["label"]]  # same class, another digit
     x, labels = batch["x"], batch["label"]
     controls = control_of(x, model.config)  # (n, 1, H, W) in {0, 1}
     opts = dict(sampler=args.sampler, steps=args.steps, guidance=Guidance(args.cfg))
@@ -43,12 +46,22 @@ def main() -> None:
         gens = [torch.Generator().manual_seed(i) for i in range(args.n)]
         t0 = time.perf_counter()
         out = model.sample(args.n, labels, gens, control=control, **opts)
-        f1 = edge_f1(control_of(out, model.config), controls, args.tolerance)
-        rows[name] = {"edge_f1": round(float(f1.mean()), 4), "edge_f1_se": round(float(f1.std() / args.n ** 0.5), 4),
+        rows[name] = {**_f1(control_of(out, model.config), controls, args.tolerance),
                       "seconds": round(time.perf_counter() - t0, 1)}
-    real = edge_f1(control_of(x, model.config), controls, args.tolerance).mean()
+    rows["another real digit of the class"] = _f1(control_of(rest["x"][others], model.config), controls,
+                                                 args.tolerance)
     print(json.dumps({"model": args.model, "n": args.n, **{k: v for k, v in vars(args).items() if k != "model"},
-                      "real_images_edge_f1": round(float(real), 4), **rows}, indent=2))
+                      **rows}, indent=2))
+
+
+def _f1(edges: torch.Tensor, controls: torch.Tensor, tolerances: list[int]) -> dict[str, float]:
+    """Mean edge F1 and its standard error at each tolerance."""
+    row = {}
+    for tol in tolerances:
+        f1 = edge_f1(edges, controls, tol)
+        row[f"edge_f1_tol{tol}"] = round(float(f1.mean()), 4)
+        row[f"edge_f1_tol{tol}_se"] = round(float(f1.std() / len(f1) ** 0.5), 4)
+    return row
 
 
 if __name__ == "__main__":
