@@ -19,7 +19,7 @@ from genlab.eval.edges import edge_f1
 from genlab.models.base import GenerativeModel
 from genlab.models.controlnet import Control, ControlCondition, ControlNetConfig, ControlNetModel
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
-from genlab.nn.controlnet import sobel_edges, sobel_magnitude
+from genlab.nn.controlnet import sobel_edges, sobel_magnitude, thin_edges
 from genlab.sampling.controls import Guidance
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -141,6 +141,40 @@ def test_sobel_edges_match_a_brute_force_convolution():
         edges = sobel_edges(images[b : b + 1], threshold=1.0)[0, 0].numpy()
         assert np.array_equal(edges, (expected > 1.0).astype(np.float32))
     assert mag[1, 0, :, 7:].abs().max() == 0  # flat: no edge
+
+
+def _brute_thin(grey: np.ndarray, threshold: float) -> np.ndarray:
+    kx = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], dtype=np.float64)
+    h, w = grey.shape
+    gx, gy = np.zeros((h, w)), np.zeros((h, w))
+    for i, j in itertools.product(range(h), range(w)):
+        for a, b in itertools.product(range(3), range(3)):
+            v = grey[min(max(i + a - 1, 0), h - 1), min(max(j + b - 1, 0), w - 1)]
+            gx[i, j] += kx[a, b] * v
+            gy[i, j] += kx[b, a] * v
+    mag = np.hypot(gx, gy)
+    out = np.zeros((h, w))
+    for i, j in itertools.product(range(h), range(w)):
+        angle = np.degrees(np.arctan2(gy[i, j], gx[i, j])) % 180
+        di, dj = [(0, 1), (1, 1), (1, 0), (1, -1)][int((angle + 22.5) // 45) % 4]
+
+        def at(r, c):
+            return mag[r, c] if 0 <= r < h and 0 <= c < w else 0.0
+
+        if mag[i, j] > threshold and mag[i, j] >= at(i + di, j + dj) and mag[i, j] >= at(i - di, j - dj):
+            out[i, j] = 1.0
+    return out
+
+
+def test_thin_edges_match_a_brute_force_non_maximum_suppression():
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 1, 9, 10, generator=g) * 2 - 1
+    images[1] = -1.0
+    images[1, :, 2:7, 3:8] = 1.0  # a square: one-pixel-wide edges around it
+    for b in range(2):
+        grey = ((images[b, 0].double() + 1) / 2).numpy()
+        assert np.array_equal(thin_edges(images[b : b + 1], 0.5)[0, 0].numpy(), _brute_thin(grey, 0.5))
+    assert thin_edges(images[1:], 0.5).sum() < sobel_edges(images[1:], 0.5).sum()
 
 
 def _brute_f1(out: np.ndarray, ctl: np.ndarray, tol: int) -> float:

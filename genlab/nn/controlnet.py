@@ -24,14 +24,39 @@ def zero_conv(channels: int) -> nn.Conv2d:
     return conv
 
 
-def sobel_magnitude(images: Tensor) -> Tensor:
-    """|grad| of the grey level of images (B, C, H, W) in [-1, 1], grey mapped to [0, 1], by the 3x3 Sobel filters
-    (replicate padding): (B, 1, H, W), at most 4 * sqrt(2)."""
+def sobel_gradient(images: Tensor) -> Tensor:
+    """(d/dx, d/dy) of the grey level of images (B, C, H, W) in [-1, 1], grey mapped to [0, 1], by the 3x3 Sobel
+    filters (replicate padding): (B, 2, H, W)."""
     grey = (images.float().mean(dim=1, keepdim=True) + 1.0) / 2.0
     kx = torch.tensor(SOBEL_X, dtype=grey.dtype, device=grey.device)
     kernels = torch.stack([kx, kx.T])[:, None]  # (2, 1, 3, 3): d/dx, d/dy
-    g = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
-    return g.pow(2).sum(dim=1, keepdim=True).sqrt()
+    return F.conv2d(F.pad(grey, (1, 1, 1, 1), mode="replicate"), kernels)
+
+
+def sobel_magnitude(images: Tensor) -> Tensor:
+    """|grad| of the grey level (`sobel_gradient`): (B, 1, H, W), at most 4 * sqrt(2)."""
+    return sobel_gradient(images).pow(2).sum(dim=1, keepdim=True).sqrt()
+
+
+def thin_edges(images: Tensor, threshold: float = 1.0) -> Tensor:
+    """Sobel edges thinned by non-maximum suppression (Canny 1986): a pixel stays where its magnitude exceeds
+    `threshold` and is at least both neighbours' along the gradient direction (quantised to 0, 45, 90, 135 degrees;
+    outside the image counts as 0): (B, 1, H, W) in {0, 1}."""
+    g = sobel_gradient(images)
+    mag = g.pow(2).sum(dim=1, keepdim=True).sqrt()
+    angle = torch.rad2deg(torch.atan2(g[:, 1:], g[:, :1])) % 180.0
+    sector = ((angle + 22.5) // 45.0).long() % 4  # 0: along x, 1: 45 degrees, 2: along y, 3: 135 degrees
+    padded = F.pad(mag, (1, 1, 1, 1))
+    H, W = mag.shape[-2:]
+
+    def shifted(di: int, dj: int) -> Tensor:
+        return padded[..., 1 + di : 1 + di + H, 1 + dj : 1 + dj + W]
+
+    keep = torch.zeros_like(mag, dtype=torch.bool)
+    for k, (di, dj) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):  # (row, column) steps; y grows downwards
+        local_max = (mag >= shifted(di, dj)) & (mag >= shifted(-di, -dj))
+        keep |= (sector == k) & local_max
+    return (keep & (mag > threshold)).float()
 
 
 def sobel_edges(images: Tensor, threshold: float = 1.0) -> Tensor:
