@@ -92,14 +92,17 @@ def clip_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """test_serve's models, test_serve_text's GPT (`gpt`) and `canvas`, an untrained 3-channel 16x16 DDPM for
-    edits (strength 0 keeps the input)."""
-    from test_serve_text import trained_gpt
+    """test_serve's models, test_serve_text's GPT (`gpt`) and captioner (`cap`), and `canvas`, an untrained
+    3-channel 16x16 DDPM for edits (strength 0 keeps the input)."""
+    from test_serve_text import tiny_captioner, trained_gpt
 
     from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 
     root = make_models(tmp_path_factory.mktemp("studio-models"))
     trained_gpt().save_pretrained(root / "gpt")
+    cap = tiny_captioner()
+    if cap is not None:
+        cap.save_pretrained(root / "cap")
     torch.manual_seed(0)
     DiffusionModel(DiffusionConfig(num_classes=0, class_cond=False, image_size=SIDE, channels=3, base_channels=8,
                                    channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=())
@@ -401,4 +404,38 @@ def test_studio_streams_a_completion_and_a_chat(page, plain, shots):
     page.screenshot(path=str(shots / "6-text.png"))
     assert page.inner_text("#chat-log .msg.user").endswith("hello there")
     assert page.is_hidden("#error")
+    page.click("button[data-tab=image]")
+
+
+def test_studio_chat_reads_an_uploaded_image(page, plain, shots, tmp_path):
+    if "cap" not in [m["id"] for m in httpx.get(plain.url + "/v1/models", headers=plain.headers).json()["data"]]:
+        pytest.skip("no captioner family in this checkout")
+    images, _ = renders(1, 7)
+    data = png_bytes(images[0])
+    (tmp_path / "scene.png").write_bytes(data)
+    open_studio(page, plain, KEY)
+    page.click("button[data-tab=text]")
+    page.select_option("#text-model", "cap")
+    page.fill("#max-tokens", "10")
+    page.fill("#temperature", "0")
+    page.click("#chat-reset")
+    page.fill("#chat-input", "what is this")
+    page.set_input_files("#chat-image", str(tmp_path / "scene.png"))
+    page.click("#chat-send")
+    page.wait_for_function("document.querySelector('#chat-log .msg.assistant span')?.textContent.length > 0")
+    page.wait_for_selector("#text-stop:disabled", state="attached")
+    page.screenshot(path=str(shots / "7-chat-image.png"))
+    assert page.inner_text("#chat-log .msg.user").endswith("[image]") and page.is_hidden("#error")
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    with plain.client() as c:  # the same greedy request without the studio
+        want = c.post("/v1/chat/completions", json={"model": "cap", "max_tokens": 10, "temperature": 0, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                         {"type": "image_url", "image_url": {"url": url}}]}]}).json()
+    assert page.inner_text("#chat-log .msg.assistant span") == want["choices"][0]["message"]["content"]
+    # without an image the captioner refuses, and the studio says why
+    page.click("#chat-reset")
+    page.fill("#chat-input", "what is this")
+    page.click("#chat-send")
+    page.wait_for_selector("#error:not([hidden])")
+    assert "image" in page.inner_text("#error")
     page.click("button[data-tab=image]")
