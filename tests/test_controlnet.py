@@ -103,6 +103,15 @@ def test_several_controls_add_their_residuals_by_scale(base_dir):
         torch.testing.assert_close(model.backbone(x, t, zero), model.net(x, t, y))
 
 
+@pytest.mark.parametrize(("control", "make"), [("edges", sobel_edges), ("thin_edges", thin_edges)])
+def test_training_controls_are_the_edge_maps_of_the_training_images(base_dir, control, make):
+    model = ControlNetModel.build(ControlNetConfig(init_from=str(base_dir), control=control, edge_threshold=0.8),
+                                  _dataset())
+    x = torch.rand(3, 1, SIZE, SIZE) * 2 - 1
+    cond = model.training_labels({"x": x, "label": torch.tensor([0, 1, 2])}, torch.device("cpu"))
+    assert torch.equal(cond.controls[:, 0], make(x, 0.8)) and cond.scales == (1.0,)
+
+
 def test_only_controlnet_parameters_get_gradients(base_dir):
     model = _model(base_dir).train()
     batch = {"x": torch.rand(4, 1, SIZE, SIZE) * 2 - 1, "label": torch.tensor([0, 1, 2, -1])}

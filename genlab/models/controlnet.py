@@ -20,13 +20,13 @@ from genlab.config import check_number, to_dict
 from genlab.errors import GenlabError
 from genlab.models.base import Conditioning, GenerativeModel, resolve_model_dir
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
-from genlab.nn.controlnet import ControlNet, combine_residuals, sobel_edges
+from genlab.nn.controlnet import ControlNet, combine_residuals, sobel_edges, thin_edges
 from genlab.nn.unet import UNet
 from genlab.registry import MODELS
 from genlab.sampling.controls import Guidance
 from genlab.sampling.denoiser import Denoiser, classifier_free_guidance
 
-CONTROLS = ("edges",)
+CONTROLS = ("edges", "thin_edges")
 MAX_CONTROLS = 8
 
 
@@ -67,12 +67,15 @@ class ControlNetConfig(DiffusionConfig):
     """The base diffusion model's keys (copied from `init_from` by build) plus the control's."""
 
     init_from: str | None = None  # the trained diffusion model (or run) folder whose U-Net stays frozen
-    control: str = "edges"  # edges: Sobel magnitude of the grey image (in [0, 1]) above edge_threshold
+    control: str = "edges"  # edges: Sobel magnitude of the grey image (in [0, 1]) above edge_threshold; thin_edges:
+    # those thinned by non-maximum suppression
     edge_threshold: float = 1.0
 
 
 def control_of(images: Tensor, config: ControlNetConfig) -> Tensor:
     """The control (B, 1, H, W) in {0, 1} made from images (B, C, H, W) in [-1, 1]."""
+    if config.control == "thin_edges":
+        return thin_edges(images, config.edge_threshold)
     return sobel_edges(images, config.edge_threshold)
 
 
