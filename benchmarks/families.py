@@ -207,9 +207,10 @@ class _GlobalOnly(contextlib.nullcontext):
 @contextlib.contextmanager
 def count_calls(model: nn.Module) -> Iterator[list[int]]:
     """Network evaluations: forward calls of every module that holds parameters of its own (convolutions, linear
-    layers, norms, embeddings); yields a list whose [0] is, on exit, the most common nonzero count among them.
-    Each such layer runs once per evaluation of the network (a layer used only at some steps, e.g. a class-token
-    embedding, is outvoted), whether the sampler calls the network's forward or a method of it (a KV-cache step)."""
+    layers, norms, embeddings); yields a list whose [0] is, on exit, the largest count among them. Each such layer
+    runs once per evaluation of the network that holds it, whether the sampler calls the network's forward or a
+    method of it (a KV-cache step); a two-stage sampler counts its most-called network (MaskGIT's 8 prior steps,
+    not the one decoder pass)."""
     counts: dict[str, int] = {}
     owners = [(k, m) for k, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))]
     hooks = [m.register_forward_hook(lambda *_, k=k: counts.__setitem__(k, counts.get(k, 0) + 1))
@@ -220,8 +221,7 @@ def count_calls(model: nn.Module) -> Iterator[list[int]]:
     finally:
         for h in hooks:
             h.remove()
-        values = [v for v in counts.values() if v > 0]
-        out[0] = max(set(values), key=lambda v: (values.count(v), v)) if values else 0
+        out[0] = max(counts.values(), default=0)
 
 
 def fitted_steps(budget_s: float, build_s: float, step_s: float) -> int:
