@@ -31,6 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1, help="model workers sharing the queue: one thread in the "
                    "server and N - 1 processes")
+    p.add_argument("--ray", action="store_true", help="serve as a Ray Serve deployment, one replica (with its own "
+                   "model worker) per --workers, on the Ray cluster of RAY_ADDRESS or a new local one")
     p.add_argument("--api-key-file", default=None, help="require Authorization: Bearer KEY; the file holds one key "
                    "per line, as sha256:HEX (preferred) or the key itself")
     p.add_argument("--max-queue", type=int, default=256, help="jobs queued or running before requests get 429")
@@ -88,6 +90,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
+    if args.ray:
+        try:
+            from genlab.serve import ray_app
+        except ImportError as e:
+            raise GenlabError(f"--ray needs Ray Serve ({e.name} is missing): pip install 'genlab[ray]'") from None
     from genlab.serve.limits import Limits, read_key_file
 
     digests = read_key_file(args.api_key_file) if args.api_key_file else []
@@ -111,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
 
     guards = configure(data, args.prompt_filter, args.safety_clip, args.safety_concepts) or {}
     requeued = store.requeue_running()  # a killed server's running jobs run again, from scratch, same seed
+    if args.ray:  # the replicas share this data folder's store: paths absolute, as replicas start elsewhere
+        config = ray_app.ReplicaConfig(str(Path(args.models).resolve()), str(data.resolve()), limits, tuple(digests),
+                                       args.memory_budget_mb, device, tuple(args.cors_origin))
+        return ray_app.serve_forever(config, args.workers, args.host, args.port,
+                                     f"genlab serve: http://{args.host}:{args.port} as a Ray Serve deployment of "
+                                     f"{args.workers} replica(s); data in {data}; {requeued} job(s) requeued")
     pool = ModelPool(args.models, args.memory_budget_mb, device)
     state = ServeState(store, pool, limits, digests)
     app = create_app(state, args.cors_origin or None)

@@ -350,8 +350,10 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None,
     return JSONResponse(error_body(message, type_), status_code=status, headers=headers)
 
 
-def create_app(state: ServeState, cors_origins: list[str] | None = None, worker_thread: bool = True) -> FastAPI:
-    """The application; with `worker_thread`, one worker runs in this process (a thread)."""
+def create_app(state: ServeState, cors_origins: list[str] | None = None, worker_thread: bool = True,
+               worker_name: str = "worker-0") -> FastAPI:
+    """The application; with `worker_thread`, one worker (named `worker_name` in the store) runs in this process
+    (a thread)."""
     load_kinds()
 
     @asynccontextmanager
@@ -361,8 +363,8 @@ def create_app(state: ServeState, cors_origins: list[str] | None = None, worker_
         stop = threading.Event()
         thread = None
         if worker_thread:
-            worker = Worker(state.store, state.pool, state.limits, "worker-0", stop=stop, wake=state.wake)
-            thread = threading.Thread(target=worker.run_forever, name="genlab-worker-0", daemon=True)
+            worker = Worker(state.store, state.pool, state.limits, worker_name, stop=stop, wake=state.wake)
+            thread = threading.Thread(target=worker.run_forever, name=f"genlab-{worker_name}", daemon=True)
             thread.start()
         yield
         stop.set()
