@@ -52,6 +52,23 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     return Path(path)
 
 
+def jsonl_records(text: str, what: str, form: str) -> Iterator[tuple[int, Any]]:
+    """(line number from 1, record) of every non-blank line of JSONL `text`. A text split by characters may cut its
+    first or last line: such a line that is not JSON is skipped; any other is a one-line error naming `what` and
+    the `form` each line must have."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i in (0, len(lines) - 1):
+                continue
+            raise GenlabError(f"line {i + 1} of the {what} is not JSON; each line must be {form}") from None
+        yield i + 1, record
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file (none when it does not exist). A last line that is not JSON is the torn
     write of a killed process and is skipped; a bad line before it is a one-line error."""

@@ -9,7 +9,6 @@ reference never changes), so no second network is held in memory. The run's `mod
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from torch import Tensor
 
 from genlab.config import MAX_CONTEXT, check_int, check_number
 from genlab.errors import GenlabError
+from genlab.files import jsonl_records
 from genlab.models.base import Conditioning, GenerativeModel, ModelConfig, Output
 from genlab.models.gpt import GPT
 from genlab.registry import MODELS
@@ -54,22 +54,12 @@ def completion_logps(model: GPT, ids: Tensor, mask: Tensor) -> Tensor:
 def read_pairs(text: str) -> list[tuple[str, str, str]]:
     """(prompt, chosen, rejected) of every JSONL line; a partial first or last line (a file split by
     characters) is skipped, any other bad line is a one-line error."""
-    lines = text.splitlines()
     pairs = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i in (0, len(lines) - 1):
-                continue
-            raise GenlabError(f"line {i + 1} of the preference data is not JSON; each line must be "
-                              '{"prompt": ..., "chosen": ..., "rejected": ...}') from None
+    for n, record in jsonl_records(text, "preference data", '{"prompt": ..., "chosen": ..., "rejected": ...}'):
         if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in PAIR_KEYS):
-            raise GenlabError(f"line {i + 1} of the preference data needs string fields prompt, chosen, rejected")
+            raise GenlabError(f"line {n} of the preference data needs string fields prompt, chosen, rejected")
         if record["chosen"] == record["rejected"]:
-            raise GenlabError(f"line {i + 1} of the preference data has chosen == rejected: drop the line")
+            raise GenlabError(f"line {n} of the preference data has chosen == rejected: drop the line")
         pairs.append((record["prompt"], record["chosen"], record["rejected"]))
     if not pairs:
         raise GenlabError('the preference data holds no pairs; give JSONL lines {"prompt", "chosen", "rejected"}')

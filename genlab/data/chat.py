@@ -8,7 +8,6 @@ The same template ships with exported models as a Jinja `chat_template`.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -17,6 +16,7 @@ from torch import Tensor
 
 from genlab.data.tokenizer import ASSISTANT, BOS, END, SYSTEM, USER, Tokenizer
 from genlab.errors import GenlabError
+from genlab.files import jsonl_records
 
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 IGNORE = -100
@@ -66,21 +66,12 @@ def load_conversations(text: str) -> list[list[dict[str, str]]]:
 
 def _numbered_conversations(text: str) -> list[tuple[int, list[dict[str, str]]]]:
     """(line number from 1, conversation) of every conversation in JSONL text (see `load_conversations`)."""
-    lines = text.splitlines()
     out = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i in (0, len(lines) - 1):
-                continue
-            raise GenlabError(f"line {i + 1} of the chat data is not JSON; each line must be "
-                              '{"messages": [{"role": ..., "content": ...}, ...]}') from None
+    form = '{"messages": [{"role": ..., "content": ...}, ...]}'
+    for n, record in jsonl_records(text, "chat data", form):
         if not isinstance(record, dict) or "messages" not in record:
-            raise GenlabError(f"line {i + 1} of the chat data has no 'messages' list")
-        out.append((i + 1, _check(record["messages"], f"line {i + 1} of the chat data")))
+            raise GenlabError(f"line {n} of the chat data has no 'messages' list")
+        out.append((n, _check(record["messages"], f"line {n} of the chat data")))
     if not out:
         raise GenlabError("the chat data holds no conversations; give JSONL lines with a 'messages' list")
     return out

@@ -209,6 +209,12 @@ def with_image_shape(config: Any, dataset: Any, family: str) -> Any:
     return dataclasses.replace(config, image_size=info.image_size, channels=info.channels)
 
 
+def with_image_shape_and_classes(config: Any, dataset: Any, family: str) -> Any:
+    """`with_image_shape`, and num_classes from the dataset where a class-conditional config leaves it at 0."""
+    num_classes = config.num_classes or (dataset.info.num_classes if config.class_cond else 0)
+    return dataclasses.replace(with_image_shape(config, dataset, family), num_classes=num_classes)
+
+
 def class_labels(n: int, label: Any, num_classes: int) -> Tensor:
     """`n` class labels as a (n,) long tensor from None (classes cycled in blocks: one grid row per class), one
     label for all, or one per item (int, list or tensor), each checked against 0..num_classes - 1."""

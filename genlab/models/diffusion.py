@@ -25,7 +25,7 @@ from genlab.models.base import (
     SampleOption,
     class_labels,
     resolve_model_dir,
-    with_image_shape,
+    with_image_shape_and_classes,
 )
 from genlab.models.parameterization import (
     PRECONDITIONINGS,
@@ -213,8 +213,7 @@ class DiffusionModel(GenerativeModel):
     @classmethod
     def build(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
         """Fill image_size, channels and num_classes from `dataset.info` where the config leaves them at 0."""
-        num_classes = config.num_classes or (dataset.info.num_classes if config.class_cond else 0)
-        config = dataclasses.replace(with_image_shape(config, dataset, cls.family), num_classes=num_classes)
+        config = with_image_shape_and_classes(config, dataset, cls.family)
         return cls._with_autoencoder(config, dataset) if config.autoencoder else cls(config)
 
     @classmethod

@@ -18,7 +18,6 @@ prior). Sampling at temperature T scales the prior's standard deviations by T (K
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from genlab.models.base import (
     Output,
     SampleOption,
     class_labels,
-    with_image_shape,
+    with_image_shape_and_classes,
 )
 from genlab.nn.invertible import (
     ActNorm,
@@ -188,8 +187,7 @@ class FlowModel(GenerativeModel):
     def build(cls, config: FlowConfig, dataset: Any) -> FlowModel:
         """Fill image_size, channels and num_classes from `dataset.info`, then initialize every actnorm from the first
         `INIT_ITEMS` training images (dequantized with fixed noise), so every process gets the same weights."""
-        num_classes = config.num_classes or (dataset.info.num_classes if config.class_cond else 0)
-        model = cls(dataclasses.replace(with_image_shape(config, dataset, cls.family), num_classes=num_classes))
+        model = cls(with_image_shape_and_classes(config, dataset, cls.family))
         batch = dataset.get_batch(torch.arange(min(INIT_ITEMS, len(dataset))))
         with torch.no_grad():
             model.encode(dequantize(batch["x"], torch.Generator().manual_seed(0)))

@@ -11,7 +11,6 @@ The recipe R3GAN recommends: `loss: relativistic` with both `r1_gamma` and `r2_g
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from genlab.models.base import (
     ModelConfig,
     Output,
     class_labels,
-    with_image_shape,
+    with_image_shape_and_classes,
 )
 from genlab.nn.diffaugment import diff_augment
 from genlab.nn.gan import ARCHS, Discriminator, Generator
@@ -182,8 +181,7 @@ class GAN(GenerativeModel):
     @classmethod
     def build(cls, config: GANConfig, dataset: Any) -> GAN:
         """Fill image_size, channels and num_classes from `dataset.info` where the config leaves them at 0."""
-        num_classes = config.num_classes or (dataset.info.num_classes if config.class_cond else 0)
-        return cls(dataclasses.replace(with_image_shape(config, dataset, cls.family), num_classes=num_classes))
+        return cls(with_image_shape_and_classes(config, dataset, cls.family))
 
     def prepare_data(self, dataset: Any) -> Any:
         """The images themselves; a class-conditional model needs a label on every one."""

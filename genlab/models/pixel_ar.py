@@ -13,7 +13,6 @@ prior over codes is the same class.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from genlab.models.base import (
     Output,
     SampleOption,
     class_labels,
-    with_image_shape,
+    with_image_shape_and_classes,
 )
 from genlab.models.gpt import GPT, GPTConfig
 from genlab.nn.distributions import to_pixel_levels
@@ -162,8 +161,7 @@ class PixelAR(GenerativeModel):
     @classmethod
     def build(cls, config: PixelARConfig, dataset: Any) -> PixelAR:
         """Fill image_size, channels and num_classes from `dataset.info` where the config leaves them at 0."""
-        num_classes = config.num_classes or (dataset.info.num_classes if config.class_cond else 0)
-        return cls(dataclasses.replace(with_image_shape(config, dataset, cls.family), num_classes=num_classes))
+        return cls(with_image_shape_and_classes(config, dataset, cls.family))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -16,7 +16,6 @@ unconditional and conditional outputs (sec. 3.4); temperature T draws z ~ N(0, T
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from genlab.models.base import (
     Output,
     SampleOption,
     class_labels,
-    with_image_shape,
+    with_image_shape_and_classes,
 )
 from genlab.nn.transformer import Block, KVCache, RMSNorm, rope_tables
 from genlab.registry import MODELS
@@ -174,8 +173,7 @@ class TarFlow(GenerativeModel):
 
     @classmethod
     def build(cls, config: TarFlowConfig, dataset: Any) -> TarFlow:
-        num_classes = config.num_classes or (dataset.info.num_classes if config.class_cond else 0)
-        return cls(dataclasses.replace(with_image_shape(config, dataset, cls.family), num_classes=num_classes))
+        return cls(with_image_shape_and_classes(config, dataset, cls.family))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

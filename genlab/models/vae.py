@@ -21,7 +21,6 @@ input and to the decoder's latent: q(z|x, y) and p(x|z, y) (a conditional VAE, S
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from genlab.models.base import (
     ModelConfig,
     Output,
     class_labels,
-    with_image_shape,
+    with_image_shape_and_classes,
 )
 from genlab.nn.distributions import discretized_logistic_log_prob, to_pixel_levels
 from genlab.registry import MODELS
@@ -133,8 +132,7 @@ class VAE(GenerativeModel):
     @classmethod
     def build(cls, config: VAEConfig, dataset: Any) -> VAE:
         """Fill image_size, channels and num_classes from `dataset.info` where the config leaves them at 0."""
-        num_classes = config.num_classes or (dataset.info.num_classes if config.class_cond else 0)
-        return cls(dataclasses.replace(with_image_shape(config, dataset, cls.family), num_classes=num_classes))
+        return cls(with_image_shape_and_classes(config, dataset, cls.family))
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
