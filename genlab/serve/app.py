@@ -233,6 +233,11 @@ def build_router(state: ServeState) -> APIRouter:
         job, _ = await state.submit("image.edit", raw, request.headers.get("idempotency-key"), same)
         return await state.result(job, str(request.base_url))
 
+    @r.post("/embeddings")
+    async def embeddings(request: Request) -> dict[str, Any]:
+        job, _ = await state.submit("embeddings", await _json_body(request), request.headers.get("idempotency-key"))
+        return await state.result(job, str(request.base_url))
+
     @r.post("/jobs", status_code=202)
     async def create_job(request: Request) -> JSONResponse:
         body = await _json_body(request)

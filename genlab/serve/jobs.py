@@ -31,7 +31,7 @@ from genlab.serve.store import Job, Store
 log = logging.getLogger("genlab.serve")
 
 # modules that register job kinds when imported (a module not written yet is skipped)
-KIND_MODULES = ("genlab.serve.images", "genlab.serve.textbatch", "genlab.serve.text_api")
+KIND_MODULES = ("genlab.serve.images", "genlab.serve.textbatch", "genlab.serve.text_api", "genlab.serve.embeddings")
 
 MAX_BATCH_WAITS = 5  # slices of batch_wait_s a batch may wait for compatible requests (longer to refill to the last)
 INVALID = "invalid: "  # prefix of a job error that was the request's fault (a 400 for a synchronous request)
