@@ -240,12 +240,7 @@ def _free_port() -> int:
 
 
 def tiny_captioner():
-    """A random LLaVA-style captioner around the trained GPT (a 1-layer ViT tower on 16 x 16 images), or None
-    while the captioner family is not in the project."""
-    import importlib.util
-
-    if importlib.util.find_spec("genlab.models.captioner") is None:
-        return None
+    """A random LLaVA-style captioner around the trained GPT (a 1-layer ViT tower on 16 x 16 images)."""
     from genlab.config import to_dict
     from genlab.models.captioner import Captioner, CaptionerConfig
     from genlab.models.clip import CLIPConfig
@@ -264,7 +259,7 @@ def tiny_captioner():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """`genlab serve` in its own process on a free loopback port, serving the trained GPT as `tiny` (and a
-    captioner as `cap`); yields (base url, captioner or None)."""
+    captioner as `cap`); yields (base url, captioner)."""
     import os
     import subprocess
     import sys
@@ -275,8 +270,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     trained_gpt().save_pretrained(root / "models" / "tiny")
     cap = tiny_captioner()
-    if cap is not None:
-        cap.save_pretrained(root / "models" / "cap")
+    cap.save_pretrained(root / "models" / "cap")
     port = _free_port()
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "genlab.cli", "serve", "--models", str(root / "models"),
@@ -410,8 +404,6 @@ def test_api_image_parts_follow_the_models_capability(server, client):
     r = httpx.post(server[0] + "/v1/chat/completions", json={"model": "tiny", "messages": bad}, timeout=30)
     assert r.status_code == 400 and "data URL" in r.json()["error"]["message"]
     cap = server[1]
-    if cap is None:
-        pytest.skip("no captioner family in the project yet")
     from genlab.commands.sample import _read_image
     from genlab.data.chat import encode_chat
 
