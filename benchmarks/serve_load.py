@@ -71,11 +71,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(models: Path, data: Path, max_queue: int) -> tuple[subprocess.Popen, str]:
+def start_server(models: Path, data: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`genlab serve` on a free loopback port with `flags`, one thread; (process, base url) once it answers."""
     port = free_port()
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "genlab.cli", "serve", "--models", str(models), "--data", str(data),
-                             "--port", str(port), "--max-queue", str(max_queue), "--max-batch", "64"], env=env,
+                             "--port", str(port), *flags], env=env,
                             stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -165,7 +166,7 @@ def main() -> None:
         def offline() -> float:
             return offline_rate(model, args.steps, args.sampler, args.guidance, args.offline_repeats)
 
-        proc, url = start_server(models, Path(tmp) / "data", args.max_queue)
+        proc, url = start_server(models, Path(tmp) / "data", "--max-queue", str(args.max_queue), "--max-batch", "64")
         body = {"steps": args.steps, "sampler": args.sampler, "guidance_scale": args.guidance}
         results, rates = {}, []
         try:

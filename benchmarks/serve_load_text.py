@@ -16,9 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +26,8 @@ import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from serve_load import start_server  # noqa: E402  (the same server start as the image half)
 
 from genlab.data import load_dataset  # noqa: E402
 from genlab.data.tokenizer import train_tokenizer  # noqa: E402
@@ -46,32 +45,6 @@ def bench_model(text: str) -> GPT:
             if p.ndim == 2:
                 p.normal_(0, 1 / math.sqrt(p.shape[1]))
     return model.eval()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(models: Path, data: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "genlab.cli", "serve", "--models", str(models), "--data", str(data),
-                             "--port", str(port), "--max-queue", "4096", "--batch-wait-ms", "0"], env=env,
-                            stdout=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit("the server exited before it was up")
-        time.sleep(0.1)
-    proc.terminate()
-    raise SystemExit("the server did not come up in 120 s")
 
 
 def run_load(url: str, model: str, prompts: list[str], max_tokens: int, concurrency: int) -> dict:
@@ -127,7 +100,7 @@ def main() -> None:
             (models / "bench").symlink_to(Path(args.model).resolve())
         else:
             bench_model(text).save_pretrained(models / "bench")
-        proc, url = start_server(models, Path(tmp) / "data")
+        proc, url = start_server(models, Path(tmp) / "data", "--max-queue", "4096", "--batch-wait-ms", "0")
         try:
             run_load(url, "bench", prompts[:2], args.max_tokens, 1)  # load the model, warm up
             results = {c: run_load(url, "bench", prompts, args.max_tokens, c) for c in levels}
