@@ -6,6 +6,7 @@ from pathlib import Path
 
 from genlab.config import DataConfig
 from genlab.data.base import DatasetInfo, ImageDataset, TextDataset
+from genlab.data.image_pairs import is_pair_folder, load_image_pairs
 from genlab.data.imagefolder import load_image_folder
 from genlab.errors import GenlabError
 from genlab.registry import DATASETS
@@ -23,6 +24,8 @@ def load_dataset(cfg: DataConfig | str, split: str | None = None) -> ImageDatase
         ds = DATASETS.get(cfg.name)(split=split, image_size=cfg.image_size, label=cfg.label, **caption)
     else:
         path = Path(cfg.name).expanduser()
+        if is_pair_folder(path):  # image preference pairs (pairs.jsonl): the data of Diffusion-DPO
+            return load_image_pairs(path)  # type: ignore[return-value]
         if path.is_dir():
             ds = load_image_folder(path, cfg.image_size)
         elif path.is_file():

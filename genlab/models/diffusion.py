@@ -264,13 +264,18 @@ class DiffusionModel(GenerativeModel):
         if self.edm:
             per_item = ((self.denoise(x0 + sigma.view(B, 1, 1, 1) * eps, sigma, y) - x0) ** 2).flatten(1).mean(1)
             return {"loss": (edm_loss_weight(sigma, cfg.sigma_data) * per_item).mean()}
-        alpha_bar = self.alpha_bar[t].view(B, 1, 1, 1)
-        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
-        target = vp_target(x0, eps, sigma, cfg.prediction)
+        per_item = self.vp_errors(x0, t, eps, y)
         if not cfg.min_snr_gamma:
-            return {"loss": F.mse_loss(self.backbone(x_t, t, y), target)}
-        per_item = ((self.backbone(x_t, t, y) - target) ** 2).flatten(1).mean(1)
+            return {"loss": per_item.mean()}
         return {"loss": (min_snr_weight(sigma, cfg.min_snr_gamma, cfg.prediction) * per_item).mean()}
+
+    def vp_errors(self, x0: Tensor, t: Tensor, eps: Tensor, y: Any) -> Tensor:
+        """||target - F(x_t, t, y)||^2 per item (mean over its elements), x_t = sqrt(alpha_bar_t) x0 +
+        sqrt(1 - alpha_bar_t) eps, target eps / v / x0 (Ho et al. 2020, eq. 14; Salimans & Ho 2022, eq. 9)."""
+        alpha_bar = self.alpha_bar[t].view(-1, *([1] * (x0.ndim - 1)))
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * eps
+        target = vp_target(x0, eps, self.sigmas[t], self.config.prediction)
+        return ((self.backbone(x_t, t, y) - target) ** 2).flatten(1).mean(1)
 
     def training_labels(self, batch: dict[str, Any], device: torch.device) -> Tensor | None:
         """The batch's labels for the backbone (None when unconditional): unlabeled items (-1) train the null
