@@ -152,3 +152,54 @@ def test_tiny_dit_memorizes_a_handful_of_digits():
         x_t = ab.sqrt() * xs + (1 - ab).sqrt() * torch.randn(xs.shape, generator=torch.Generator().manual_seed(2))
         err = ((net(x_t, t, y.repeat(8)) - xs) ** 2).mean()
     assert err < 0.25 * ((x0 - x0.mean(0)) ** 2).mean()
+
+
+def _unzeroed(net: DiT) -> DiT:
+    """The net with its adaLN regressions and output layer drawn at random, so that no block is the identity."""
+    for block in net.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.1)
+    torch.nn.init.normal_(net.final_layer.linear.weight, std=0.1)
+    return net
+
+
+def test_long_skips_pair_shallow_and_deep_blocks_as_written_out():
+    """U-ViT's long skips (Bao et al. 2023, sec. 3.1) in a depth-5 DiT: block 3 reads Linear_1([h, block 1's
+    output]), block 4 reads Linear_0([h, block 0's output]), block 2 is the middle; written out by hand. A pairing
+    off by one (or a skip taken before its block) gives other numbers."""
+    torch.manual_seed(0)
+    net = _unzeroed(DiT(**{**TINY, "depth": 5}, long_skip=True))
+    assert len(net.skip_linears) == 2 and len(DiT(**{**TINY, "depth": 6}, long_skip=True).skip_linears) == 2
+    h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    b, skip = net.blocks, net.skip_linears
+    h0 = b[0](h, c)
+    h1 = b[1](h0, c)
+    h2 = b[2](h1, c)
+    h3 = b[3](skip[1](torch.cat([h2, h1], -1)), c)
+    h4 = b[4](skip[0](torch.cat([h3, h0], -1)), c)
+    torch.testing.assert_close(net.run_blocks(h, c), h4)
+    plain = h
+    for block in b:
+        plain = block(plain, c)
+    assert not torch.allclose(net.run_blocks(h, c), plain, atol=1e-3)
+
+
+def test_final_conv_is_a_3x3_conv_of_the_unpatchified_output_and_starts_at_zero():
+    """With final_conv the output is conv3x3(unpatchify(final layer)) (U-ViT's output conv); at init the whole
+    net still outputs zero (adaLN-Zero's zero output layer, the conv's zero bias); without the options the
+    parameters are exactly those of a plain DiT, so older model folders still load."""
+    torch.manual_seed(0)
+    net = DiT(**TINY, long_skip=True, final_conv=True)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 4])
+    assert torch.equal(net(x, t, y), torch.zeros_like(x))
+    _unzeroed(net)
+    torch.nn.init.normal_(net.final_conv.bias)
+    c = net.t_embedder(t) + net.label_embed(y)
+    h = net.run_blocks(net.x_embedder(x).flatten(2).transpose(1, 2) + net.pos_embed, c)
+    raw = net.unpatchify(net.final_layer(h, c))
+    expected = torch.nn.functional.conv2d(raw, net.final_conv.weight, net.final_conv.bias, padding=1)
+    torch.testing.assert_close(net(x, t, y), expected)
+    assert set(DiT(**TINY).state_dict()) == {k for k in net.state_dict()
+                                             if not k.startswith(("skip_linears", "final_conv"))}
+    model = DiffusionModel(DiffusionConfig(backbone="dit", image_size=8, channels=1, num_classes=2, hidden_size=32,
+                                           depth=3, num_heads=2, long_skip=True, final_conv=True))
+    assert len(model.net.skip_linears) == 1 and model.net.final_conv is not None

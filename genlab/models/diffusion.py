@@ -109,10 +109,13 @@ class DiffusionConfig(ModelConfig):
     depth: int = 6
     num_heads: int = 4
     mlp_ratio: float = 4.0
+    long_skip: bool = False  # U-ViT long skips between shallow and deep blocks (Bao et al. 2023)
+    final_conv: bool = False  # U-ViT's 3x3 convolution on the unpatchified output
     # latent diffusion (Rombach et al. 2022): image_size and channels then describe the latents
     autoencoder: str | None = None  # a trained autoencoder_kl model (or run) folder, read by build
     autoencoder_config: dict[str, Any] = field(default_factory=dict)  # filled by build; its weights are ours
     latent_scale: float = 0.0  # latents are multiplied by this; 0: 1 / std of training latents (build)
+    init_from: str | None = None  # a trained model (or run) folder of this family to fine-tune, or to adapt (LoRA)
 
 
 def _check(cfg: DiffusionConfig) -> None:
@@ -179,6 +182,10 @@ class DiffusionModel(GenerativeModel):
     likelihood_estimators = ("vlb", "ode")  # the variational bound and the probability-flow ODE over `denoise`
     sample_options = frozenset({SampleOption.SAMPLER, SampleOption.STEPS, SampleOption.GUIDANCE, SampleOption.START})
     per_item_seeds = True
+    # LoRA (adapt.lora) on the backbone's self- and cross-attention projections, its convolutions (U-Net) and its
+    # patch embedding and MLPs (DiT)
+    lora_targets = ("qkv", "proj", "q", "kv", "conv1", "conv2", "conv", "x_embedder", r"blocks\.\d+\.mlp\.[02]")
+    lora_scope = "net"
 
     def __init__(self, config: DiffusionConfig) -> None:
         super().__init__(config)
@@ -213,8 +220,27 @@ class DiffusionModel(GenerativeModel):
     @classmethod
     def build(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
         """Fill image_size, channels and num_classes from `dataset.info` where the config leaves them at 0."""
+        if config.init_from:
+            return cls.continued(config, dataset)
         config = with_image_shape_and_classes(config, dataset, cls.family)
         return cls._with_autoencoder(config, dataset) if config.autoencoder else cls(config)
+
+    @classmethod
+    def continued(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
+        """The trained model of `config.init_from` (this family) to fine-tune or adapt: its own keys and weights,
+        with the recipe's `cond_drop` and `init_from`; its images must be the dataset's size."""
+        model = GenerativeModel.from_pretrained(resolve_model_dir(config.init_from))
+        if type(model) is not cls:
+            raise GenlabError(f"model.init_from={config.init_from!r} holds a {model.family} model; give a trained "
+                              f"{cls.family} model (or run) folder")
+        ours = model.config.autoencoder_config or to_dict(model.config)
+        info = dataset.info
+        if (ours["channels"], ours["image_size"]) != (info.channels, info.image_size):
+            raise GenlabError(f"model.init_from={config.init_from!r} draws {ours['channels']}-channel "
+                              f"{ours['image_size']}px images but dataset {info.name!r} has {info.channels}-channel "
+                              f"{info.image_size}px ones; set data.image_size={ours['image_size']}")
+        model.config = dataclasses.replace(model.config, cond_drop=config.cond_drop, init_from=config.init_from)
+        return model
 
     @classmethod
     def _with_autoencoder(cls, config: DiffusionConfig, dataset: Any, **kwargs: Any) -> DiffusionModel:

@@ -1,6 +1,7 @@
 """The Diffusion Transformer (DiT, Peebles & Xie 2023): patchify, transformer blocks with adaLN-Zero
 conditioning on timestep + label, a final adaptive layer norm and a linear unpatchify; optionally cross-attention
-to text tokens in every block, as PixArt-alpha does (Chen et al. 2023, sec. 2.3 and fig. 4)."""
+to text tokens in every block, as PixArt-alpha does (Chen et al. 2023, sec. 2.3 and fig. 4), and U-ViT's long skip
+connections and output 3x3 convolution (Bao et al. 2023, sec. 3.1 and fig. 1)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class DiT(nn.Module):
 
     def __init__(self, in_channels: int = 4, image_size: int = 32, patch_size: int = 2, hidden_size: int = 384,
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, num_classes: int = 0,
-                 out_channels: int | None = None, context_dim: int = 0) -> None:
+                 out_channels: int | None = None, context_dim: int = 0, long_skip: bool = False,
+                 final_conv: bool = False) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} must be divisible by patch size {patch_size}")
@@ -122,7 +124,11 @@ class DiT(nn.Module):
         self.context_dim = context_dim
         self.context_pool = nn.Linear(context_dim, hidden_size) if context_dim else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
+        # U-ViT: block depth-1-i reads Linear([h, output of block i]) for the first (depth - 1) // 2 blocks i
+        self.skip_linears = nn.ModuleList(nn.Linear(2 * hidden_size, hidden_size) for _ in range((depth - 1) // 2)) \
+            if long_skip else None
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_conv = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1) if final_conv else None
         self._init_weights()
 
     @classmethod
@@ -136,7 +142,8 @@ class DiT(nn.Module):
                               f"{config.num_heads} (and model.depth >= 1)")
         return cls(in_channels=config.channels, image_size=config.image_size, patch_size=config.patch_size,
                    hidden_size=config.hidden_size, depth=config.depth, num_heads=config.num_heads,
-                   mlp_ratio=config.mlp_ratio, num_classes=num_classes, context_dim=context_dim)
+                   mlp_ratio=config.mlp_ratio, num_classes=num_classes, context_dim=context_dim,
+                   long_skip=config.long_skip, final_conv=config.final_conv)
 
     def _init_weights(self) -> None:
         """Xavier-uniform linears, patch embedding as a linear, N(0, 0.02) embeddings, and zero for every adaLN
@@ -160,6 +167,8 @@ class DiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        if self.final_conv is not None:  # the output stays zero at init
+            nn.init.zeros_(self.final_conv.bias)
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """(B, grid*grid, p*p*C) tokens -> (B, C, grid*p, grid*p) image."""
@@ -181,6 +190,22 @@ class DiT(nn.Module):
             if context is None:
                 raise ValueError("this DiT reads text tokens: pass context (and context_mask)")
             c = c + self.context_pool(masked_mean(context, context_mask))
-        for block in self.blocks:
+        return self.output(self.run_blocks(h, c, context, context_mask), c)
+
+    def run_blocks(self, h: Tensor, c: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None
+                   ) -> Tensor:
+        """The blocks over tokens h (B, N, D); with long skips, block depth-1-i first mixes in block i's output
+        (h = Linear([h, skip_i]), U-ViT, Bao et al. 2023, sec. 3.1)."""
+        depth, skips = len(self.blocks), []
+        for i, block in enumerate(self.blocks):
+            if self.skip_linears is not None and i >= depth - len(self.skip_linears):
+                h = self.skip_linears[depth - 1 - i](torch.cat([h, skips.pop()], dim=-1))
             h = block(h, c, context, context_mask)
-        return self.unpatchify(self.final_layer(h, c))
+            if self.skip_linears is not None and i < len(self.skip_linears):
+                skips.append(h)
+        return h
+
+    def output(self, h: Tensor, c: Tensor) -> Tensor:
+        """Final adaptive norm, linear unpatchify, and with `final_conv` a 3x3 convolution (U-ViT's output conv)."""
+        out = self.unpatchify(self.final_layer(h, c))
+        return out if self.final_conv is None else self.final_conv(out)
