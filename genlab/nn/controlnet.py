@@ -1,11 +1,12 @@
 """ControlNet (Zhang et al. 2023): a trainable copy of a U-Net's encoder (down path + middle) that reads a control
 image through a small hint encoder and feeds the frozen U-Net one residual per skip and one for the middle, each
 through a zero-initialised 1x1 convolution, so that at initialisation the base model's output is unchanged
-(sec. 3.1, eqs. 1-2); and the Sobel edge map the edge control is made of."""
+(sec. 3.1, eqs. 1-2); the Sobel edge map the edge control is made of, and the box layout of the layout control."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,20 @@ def sobel_edges(images: Tensor, threshold: float = 1.0) -> Tensor:
     """The edge map of images (B, C, H, W) in [-1, 1]: 1 where the Sobel gradient magnitude exceeds `threshold`,
     else 0, as (B, 1, H, W) floats (the edge control; Zhang et al. 2023 use Canny, sec. 4)."""
     return (sobel_magnitude(images) > threshold).float()
+
+
+def box_layout(boxes: Sequence[Sequence[float]], image_size: int) -> Tensor:
+    """The layout control of boxes (x0, y0, x1, y1) in continuous pixel coordinates (pixel (i, j) spans
+    [j, j + 1) x [i, i + 1), as `shapes` renders): 1 at every pixel a box overlaps, else 0, as (1, H, W) floats, so
+    that each object lies inside its mask (a layout of filled boxes, as Zhang et al. 2023 condition on
+    segmentation maps, sec. 4)."""
+    lo = torch.arange(image_size, dtype=torch.float64)
+    out = torch.zeros(image_size, image_size, dtype=torch.bool)
+    for x0, y0, x1, y1 in boxes:
+        cols = (lo + 1 > x0) & (lo < x1)
+        rows = (lo + 1 > y0) & (lo < y1)
+        out |= rows[:, None] & cols[None, :]
+    return out.float()[None]
 
 
 class HintEncoder(nn.Module):
