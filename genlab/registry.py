@@ -74,7 +74,8 @@ MODELS: Registry[type] = Registry("model family", [
     "genlab.models.flow_matching", "genlab.models.pixel_ar", "genlab.models.vq", "genlab.models.tarflow",
     "genlab.models.clip", "genlab.models.t2i",
     "genlab.models.captioner", "genlab.adapt.dpo", "genlab.models.controlnet",
-    "genlab.adapt.diffusion_dpo"])
+    "genlab.adapt.diffusion_dpo",
+    "genlab.models.consistency", "genlab.models.shortcut"])
 DATASETS: Registry[Callable] = Registry("dataset", ["genlab.data.builtin", "genlab.data.stacked_mnist",
                                                   "genlab.data.shapes"])
 SAMPLERS: Registry[Callable] = Registry("sampler", ["genlab.sampling.solvers"])

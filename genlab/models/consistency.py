@@ -1,0 +1,295 @@
+"""Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2) of an EDM-preconditioned
+diffusion teacher, sampled in one or a few steps (multistep consistency sampling, Algorithm 1).
+
+The student is the teacher's network (initialised with its weights) read through the consistency function
+f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma)), whose c_skip / c_out (Song et al.
+2023, app. C) make f(x, sigma_min) = x exactly (the boundary condition); c_in and c_noise are EDM's, as the
+teacher's. Training draws n ~ U{1, ..., N-1} on the Karras discretisation sigma_min = t_1 < ... < t_N = sigma_max,
+runs one Heun step of the teacher's probability-flow ODE from x_{t_{n+1}} = x0 + t_{n+1} z to t_n, and pulls
+f_theta(x_{t_{n+1}}, t_{n+1}) towards the target network's f_theta-(x_hat_{t_n}, t_n). The target network is an
+EMA of the student (theta- <- mu theta- + (1 - mu) theta, Algorithm 2), or, with `target_decay: 0`, the student
+itself under a stop-gradient, as improved consistency training does (Song & Dhariwal 2023, sec. 3.2), which
+pairs it with the pseudo-Huber distance (`loss: pseudo_huber`, their eq. 13).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from genlab.config import MAX_SAMPLING_STEPS, check_int, check_number, to_dict
+from genlab.data.images import save_grid
+from genlab.errors import GenlabError
+from genlab.models.base import GenerativeModel, Likelihood, SampleOption, resolve_model_dir
+from genlab.models.diffusion import MAX_SAMPLES, DiffusionConfig, DiffusionModel
+from genlab.models.parameterization import denoised, edm_scalings
+from genlab.registry import MODELS
+from genlab.sampling.denoiser import Denoiser, to_d
+from genlab.sampling.noise import Generators, randn
+from genlab.sampling.schedules import karras_sigmas
+
+CD_LOSSES = ("l2", "pseudo_huber")
+MAX_SCALES = 10_000
+STUDENT_KEYS = ("cond_drop",)  # DiffusionConfig keys the student takes from its recipe, not from the teacher
+
+
+@dataclass
+class ConsistencyConfig(DiffusionConfig):
+    """The teacher's keys (copied from `teacher` by build) plus the distillation's."""
+
+    teacher: str | None = None  # a trained EDM-preconditioned diffusion model (or run) folder
+    num_scales: int = 18  # N: the Karras discretisation t_1 = sigma_min < ... < t_N = sigma_max (Song et al., table 3)
+    rho: float = 7.0  # of that discretisation (Karras et al. 2022, eq. 5)
+    target_decay: float = 0.95  # mu of the target network's EMA; 0: the student under a stop-gradient (iCT)
+    loss: str = "l2"  # l2 (mean squared error) | pseudo_huber (Song & Dhariwal 2023, eq. 13)
+    huber_c: float = 0.0  # pseudo-Huber c; 0: 0.00054 sqrt(C H W) (Song & Dhariwal 2023, sec. 3.3)
+
+
+def _check_cd(cfg: ConsistencyConfig) -> None:
+    if cfg.loss not in CD_LOSSES:
+        raise GenlabError(f"model.loss={cfg.loss!r} is unknown; choose one of: {', '.join(CD_LOSSES)}")
+    check_int("model.num_scales", cfg.num_scales, 2, MAX_SCALES)
+    check_number("model.target_decay", cfg.target_decay, 0.0, 0.999999)
+    check_number("model.rho", cfg.rho, 1e-3, 1e3)
+    check_number("model.huber_c", cfg.huber_c, 0.0, 1e3)
+
+
+def consistency_scalings(sigma: Tensor, sigma_min: float, sigma_data: float) -> tuple[Tensor, Tensor]:
+    """(c_skip, c_out) of the consistency function (Song et al. 2023, app. C, eq. above (22)):
+    sigma_data^2 / ((sigma - sigma_min)^2 + sigma_data^2) and sigma_data (sigma - sigma_min) / sqrt(sigma_data^2 +
+    sigma^2), so that f(x, sigma_min) = x exactly."""
+    shifted = sigma - sigma_min
+    return sigma_data**2 / (shifted**2 + sigma_data**2), sigma_data * shifted * (sigma**2 + sigma_data**2).rsqrt()
+
+
+def cd_sigmas(num_scales: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """t_1 < ... < t_N: the Karras discretisation of [sigma_min, sigma_max] in ascending order (Song et al. 2023,
+    sec. 5: t_i = (sigma_min^(1/rho) + (i-1)/(N-1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho), with its ends
+    exactly sigma_min and sigma_max."""
+    t = karras_sigmas(num_scales, sigma_min, sigma_max, rho)[:-1].flip(0)
+    t[0], t[-1] = sigma_min, sigma_max
+    return t
+
+
+def consistency_sampling_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """tau_1 = sigma_max > tau_2 > ... > tau_steps of multistep sampling (Song et al. 2023, Algorithm 1): the first
+    `steps` points of a (steps + 1)-point Karras schedule, so no step starts at sigma_min, where f is the identity."""
+    return karras_sigmas(steps + 1, sigma_min, sigma_max, rho)[:steps]
+
+
+def heun_step(denoiser: Denoiser, x: Tensor, sigma: Tensor, sigma_next: Tensor, cond: Any = None) -> Tensor:
+    """One Heun step of the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma from `sigma` to `sigma_next`
+    (both (B,), per item, positive; Karras et al. 2022, alg. 1): the teacher's ODE solver Phi of Algorithm 2."""
+    s, s_next = (v.view(-1, *[1] * (x.ndim - 1)) for v in (sigma, sigma_next))
+    d = to_d(x, s, denoiser(x, sigma, cond))
+    x_euler = x + (s_next - s) * d
+    d_next = to_d(x_euler, s_next, denoiser(x_euler, sigma_next, cond))
+    return x + (s_next - s) * (d + d_next) / 2
+
+
+def consistency_distance(a: Tensor, b: Tensor, loss: str, c: float) -> Tensor:
+    """d(a, b) per item: the mean squared error, or the pseudo-Huber sqrt(||a - b||^2 + c^2) - c (Song & Dhariwal
+    2023, eq. 13)."""
+    sq = ((a - b) ** 2).flatten(1)
+    if loss == "pseudo_huber":
+        return (sq.sum(1) + c**2).sqrt() - c
+    return sq.mean(1)
+
+
+def few_step_preview(model: Any, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
+    """A PNG grid of a few-step family's samples at `sample.steps`, one row per class when class-conditional."""
+    n, nrow = sample_cfg.n, None
+    if model.num_classes:
+        nrow = max(1, sample_cfg.n // model.num_classes)
+        n = nrow * model.num_classes
+    x = model.sample(n, generator=generator, steps=sample_cfg.steps)
+    return [save_grid(x, Path(stem).with_suffix(".png"), nrow=nrow,
+                      params={"steps": sample_cfg.steps, "n": n, "seed": sample_cfg.seed})]
+
+
+def _student_config(config: ConsistencyConfig, teacher: DiffusionModel) -> ConsistencyConfig:
+    """The teacher's keys with the distillation's own and the recipe's label dropout (`cond_drop`); another teacher
+    key the recipe sets otherwise is refused."""
+    defaults = DiffusionConfig()
+    for f in dataclasses.fields(DiffusionConfig):
+        ours, theirs = getattr(config, f.name), getattr(teacher.config, f.name)
+        if f.name not in STUDENT_KEYS and ours != getattr(defaults, f.name) and ours != theirs:
+            raise GenlabError(f"model.{f.name}={ours!r} but model.teacher has {theirs!r}; drop the key (the "
+                              "student is the teacher's network)")
+    own = {f.name: getattr(config, f.name) for f in dataclasses.fields(ConsistencyConfig)
+           if f.name not in {g.name for g in dataclasses.fields(DiffusionConfig)} or f.name in STUDENT_KEYS}
+    return ConsistencyConfig(**{**to_dict(teacher.config), **own})
+
+
+@MODELS.register("consistency")
+class ConsistencyModel(DiffusionModel):
+    """Consistency distillation: E[d(f_theta(x0 + t_{n+1} z, t_{n+1}), f_theta-(x_hat^phi_{t_n}, t_n))] with
+    x_hat^phi_{t_n} one Heun step of the teacher (Song et al. 2023, eq. 7 and Algorithm 2, lambda = 1); sampled by
+    multistep consistency sampling (Algorithm 1). The model folder holds the student alone."""
+
+    family = "consistency"
+    config_class = ConsistencyConfig
+    likelihood = Likelihood.NONE
+    likelihood_estimators = ()
+    sample_options = frozenset({SampleOption.STEPS})
+
+    def __init__(self, config: ConsistencyConfig) -> None:
+        _check_cd(config)
+        if config.preconditioning != "edm":
+            raise GenlabError("consistency distillation reads the network through EDM's c_in / c_noise: the "
+                              "teacher must be EDM-preconditioned (model.preconditioning=edm)")
+        if config.autoencoder_config:
+            raise GenlabError("consistency distillation here is in pixel space: give a teacher without an "
+                              "autoencoder")
+        super().__init__(config)
+        self.register_buffer("cd_sigmas", cd_sigmas(config.num_scales, config.sigma_min, config.sigma_max,
+                                                    config.rho).float(), persistent=False)
+        self.teacher: DiffusionModel | None = None  # set by build (training only; not in the model folder)
+        self.target: nn.Module | None = None
+        self.grad_clip = 0.0
+
+    @classmethod
+    def build(cls, config: ConsistencyConfig, dataset: Any) -> ConsistencyModel:
+        """The student: the teacher's network and weights, with the frozen teacher and the target network."""
+        _check_cd(config)
+        if not config.teacher:
+            raise GenlabError("family consistency needs model.teacher: a trained EDM diffusion model (or run) folder")
+        teacher = GenerativeModel.from_pretrained(resolve_model_dir(config.teacher))
+        if not isinstance(teacher, DiffusionModel) or SampleOption.SAMPLER not in teacher.sample_options:
+            raise GenlabError(f"model.teacher={config.teacher!r} holds a {teacher.family} model, whose ODE cannot be "
+                              "solved; give a trained diffusion model folder (model.preconditioning=edm)")
+        if teacher.config.preconditioning != "edm":
+            raise GenlabError(f"model.teacher={config.teacher!r} is not EDM-preconditioned (preconditioning="
+                              f"{teacher.config.preconditioning}); train the teacher with configs/mnist-edm.yaml")
+        info = dataset.info
+        if (info.channels, info.image_size) != (teacher.config.channels, teacher.config.image_size):
+            raise GenlabError(f"dataset {info.name!r} has {info.channels}-channel {info.image_size}px images but the "
+                              f"teacher makes {teacher.config.channels}-channel {teacher.config.image_size}px ones")
+        if teacher.num_classes and info.num_classes not in (0, teacher.num_classes):
+            raise GenlabError(f"dataset {info.name!r} has {info.num_classes} classes but the teacher has "
+                              f"{teacher.num_classes}; distil on the teacher's data")
+        model = cls(_student_config(config, teacher))
+        model.net.load_state_dict(teacher.net.state_dict())
+        model.attach_teacher(teacher)
+        return model
+
+    def attach_teacher(self, teacher: DiffusionModel) -> None:
+        """Hold the frozen teacher and a target network that starts as a copy of the student (theta- = theta)."""
+        self.teacher = teacher.requires_grad_(False).eval()
+        self.target = copy.deepcopy(self.net).requires_grad_(False).eval()
+
+    def train(self, mode: bool = True) -> ConsistencyModel:
+        super().train(mode)
+        for frozen in (self.teacher, self.target):
+            if frozen is not None:
+                frozen.eval()
+        return self
+
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:
+        """The student's folder: the teacher's and the target network's weights are left out."""
+        sd = state_dict if state_dict is not None else self.state_dict()
+        return super().save_pretrained(directory, {k: v for k, v in sd.items()
+                                                   if not k.startswith(("teacher.", "target."))})
+
+    # -- the consistency function --------------------------------------------------------------------------------
+    def consistency_function(self, net: nn.Module, x: Tensor, sigma: Tensor, cond: Any = None) -> Tensor:
+        """f(x, sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma), y) with the consistency
+        c_skip / c_out (Song et al. 2023, app. C) and EDM's c_in, c_noise = ln(sigma) / 4."""
+        cfg = self.config
+        c_skip, c_out = consistency_scalings(sigma, cfg.sigma_min, cfg.sigma_data)
+        _, _, c_in, c_noise = edm_scalings(sigma, cfg.sigma_data)
+        return denoised(x, net(x * c_in.view(-1, *[1] * (x.ndim - 1)), c_noise, cond), c_skip, c_out)
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None, quantize: bool = True) -> Tensor:
+        """The student's f_theta(x, sigma, y) (time is continuous, so `quantize` does nothing)."""
+        return self.consistency_function(self.net, x, sigma, cond)
+
+    # -- training ------------------------------------------------------------------------------------------------
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """d(f_theta(x_{t_{n+1}}, t_{n+1}), f_theta-(x_hat_{t_n}, t_n)) with n ~ U{1, ..., N-1},
+        x_{t_{n+1}} = x0 + t_{n+1} z and x_hat_{t_n} one Heun step of the teacher's ODE (Song et al. 2023,
+        Algorithm 2 and eq. 7, lambda(t_n) = 1); the teacher draws with its own x0 clamping, no guidance."""
+        if self.teacher is None or self.target is None:
+            raise GenlabError("this consistency model has no teacher: train it from a recipe with model.teacher")
+        x0 = batch["x"]
+        B = x0.shape[0]
+        cfg = self.config
+        n = torch.randint(0, cfg.num_scales - 1, (B,), device=x0.device)
+        t_n, t_next = self.cd_sigmas[n], self.cd_sigmas[n + 1]
+        y = self.training_labels(batch, x0.device)
+        x_next = x0 + t_next.view(B, 1, 1, 1) * torch.randn_like(x0)
+        with torch.no_grad():
+            x_hat = heun_step(self.teacher.guided_denoiser(None), x_next, t_next, t_n, y)
+            target = self.consistency_function(self.target, x_hat, t_n, y)
+        pred = self.consistency_function(self.net, x_next, t_next, y)
+        c = cfg.huber_c or 0.00054 * math.sqrt(x0[0].numel())
+        return {"loss": consistency_distance(pred, target, cfg.loss, c).mean()}
+
+    def configure_optimizers(self, train_cfg: Any) -> list[torch.optim.Optimizer]:
+        """The default AdamW over the student; `train.grad_clip` is kept for `train_step`."""
+        self.grad_clip = train_cfg.grad_clip
+        return super().configure_optimizers(train_cfg)
+
+    def train_step(self, batch: dict[str, Any], optimizers: list[Any], accelerator: Any, objective: Any
+                   ) -> dict[str, Tensor]:
+        """One AdamW step on the whole batch (train.grad_accum is not split), clipped by global norm, then the
+        target update theta- <- stopgrad(mu theta- + (1 - mu) theta) (Song et al. 2023, Algorithm 2)."""
+        (opt,) = optimizers
+        losses = objective(batch)
+        opt.zero_grad(set_to_none=True)
+        accelerator.backward(losses["loss"])
+        norm = accelerator.clip_grad_norm_(self.net.parameters(), self.grad_clip if self.grad_clip > 0 else math.inf)
+        opt.step()
+        self.update_target()
+        out = {k: v.detach().float() for k, v in losses.items()}
+        if norm is not None:
+            out["grad_norm"] = norm.detach().float()
+        return out
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """theta- <- mu theta- + (1 - mu) theta; mu = 0 copies the student."""
+        if self.target is None:
+            return
+        ours = [p.detach() for p in self.net.parameters()]
+        torch._foreach_lerp_(list(self.target.parameters()), ours, 1.0 - self.config.target_decay)
+
+    # -- sampling ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, n: int, cond: Any = None, generator: Generators = None, *, steps: int = 1,
+               progress: bool = False) -> Tensor:
+        """Multistep consistency sampling (Song et al. 2023, Algorithm 1): x = f(sigma_max z, sigma_max), then for
+        each later tau: x = f(x + sqrt(tau^2 - sigma_min^2) z, tau), each x clamped to [-1, 1]; `steps` network
+        evaluations. `generator` may be a list of n generators: image i then depends on generator i only."""
+        if not 1 <= n <= MAX_SAMPLES:
+            raise GenlabError(f"n={n} is out of range; use 1..{MAX_SAMPLES}")
+        check_int("steps", steps, 1, MAX_SAMPLING_STEPS)
+        cfg = self.config
+        device = self.alpha_bar.device
+        labels = self.sampling_condition(n, cond, device)
+        taus = consistency_sampling_sigmas(steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
+        shape = (n, cfg.channels, cfg.image_size, cfg.image_size)
+        was_training = self.training
+        self.eval()
+        try:
+            x = torch.zeros(shape, device=device)
+            for i, tau in enumerate(taus):
+                scale = tau if i == 0 else math.sqrt(tau**2 - cfg.sigma_min**2)
+                x = x + scale * randn(shape, generator, device)
+                x = self.denoise(x, torch.full((n,), tau, device=device), labels).clamp(-1.0, 1.0)
+        finally:
+            self.train(was_training)
+        return x
+
+    def check_sample_config(self, sample_cfg: Any) -> None:
+        check_int("sample.steps", sample_cfg.steps, 1, MAX_SAMPLING_STEPS)
+
+    def write_preview(self, stem: Path, sample_cfg: Any, generator: torch.Generator) -> list[Path]:
+        return few_step_preview(self, stem, sample_cfg, generator)
