@@ -90,6 +90,7 @@ class GenerativeModel(nn.Module):
     sample_options: ClassVar[frozenset[SampleOption]] = frozenset()
     per_item_seeds: ClassVar[bool] = False  # sample(generator=[g_0, ..., g_n-1]): item i depends on g_i alone
     lora_targets: ClassVar[tuple[str, ...]] = ()  # names of the linear layers LoRA adapts (`models/lora.py`)
+    lora_scope: ClassVar[str] = ""  # the submodule LoRA's targets are confined to ("": anywhere)
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -171,7 +172,8 @@ class GenerativeModel(nn.Module):
         from genlab.models.lora import adapter_base, is_adapter_folder, load_adapter
 
         if is_adapter_folder(directory):
-            return load_adapter(cls.from_pretrained(adapter_base(directory), map_location), directory)
+            return load_adapter(cls.from_pretrained(resolve_model_dir(adapter_base(directory)), map_location),
+                                directory)
         d, meta = read_model_meta(directory)
         family = meta.get("family")
         if not isinstance(family, str) or not family:

@@ -1,6 +1,8 @@
 """LoRA adapters through peft (Hu et al. 2021, eq. 3: h = W0 x + (alpha / r) B A x, W0 frozen, B = 0 at start).
 
-A family names the linear layers an adapter goes on in its `lora_targets` class attribute. Adapters are peft's
+A family names the layers an adapter goes on (linear and 2D-convolution layers) in its `lora_targets` class
+attribute, matched as the last part of a module's name, and may confine them to one submodule (`lora_scope`, e.g. a
+diffusion model's backbone `net`, so that a frozen autoencoder or text encoder is never adapted). Adapters are peft's
 own: `add_lora` wraps the model with `peft.get_peft_model` (the family's module is adapted in place), the trainer
 saves them with `PeftModel.save_pretrained` (`adapter_config.json` + `adapter_model.safetensors`, the base model
 folder in `base_model_name_or_path`), `load_adapter` puts a saved adapter on its base with
@@ -11,6 +13,9 @@ This module imports no other model module, so `models/base.py` can load adapter 
 from __future__ import annotations
 
 import json
+import math
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ from genlab.config import check_int, check_number
 from genlab.errors import GenlabError
 
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MAX_LORA_RANK = 4096
 
 
@@ -32,11 +38,7 @@ def is_adapter_folder(directory: str | Path) -> bool:
 def adapter_base(directory: str | Path) -> Path:
     """The base model folder an adapter was trained on (`base_model_name_or_path` of adapter_config.json)."""
     path = Path(directory) / ADAPTER_CONFIG
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GenlabError(f"{path} is not valid JSON ({e}): train the adapter again") from None
-    base = meta.get("base_model_name_or_path") if isinstance(meta, dict) else None
+    base = check_adapter_config(directory).get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
         raise GenlabError(f"{path} names no base model (base_model_name_or_path): set it to the base model folder")
     p = Path(base).expanduser()
@@ -46,6 +48,45 @@ def adapter_base(directory: str | Path) -> Path:
         raise GenlabError(f"{path} names base model {base}, which does not exist: copy the base model there or "
                           "edit base_model_name_or_path")
     return p
+
+
+def check_adapter_config(directory: str | Path) -> dict[str, Any]:
+    """adapter_config.json of a LoRA adapter folder, parsed, with one-line errors for a file that is not JSON, not
+    a LoRA adapter, or whose rank or alpha is out of range (checked before peft reads it)."""
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GenlabError(f"{path} is not valid JSON ({e}): train the adapter again") from None
+    if not isinstance(meta, dict):
+        raise GenlabError(f"{path} must hold a JSON object: train the adapter again")
+    if meta.get("peft_type") != "LORA":
+        raise GenlabError(f"{path} holds a {meta.get('peft_type')!r} adapter; genlab loads LoRA adapters only")
+    rank, alpha = meta.get("r"), meta.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= MAX_LORA_RANK:
+        raise GenlabError(f"{path} has rank r={rank!r}; a LoRA adapter's rank is an integer in 1..{MAX_LORA_RANK}: "
+                          "train the adapter again")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
+        raise GenlabError(f"{path} has lora_alpha={alpha!r}; it must be a finite number > 0: train the adapter again")
+    return meta
+
+
+def target_modules(model_cls: type) -> str | list[str]:
+    """peft's `target_modules` for a family: its `lora_targets` as names (matched as a module name's last part),
+    or, with a `lora_scope`, one regular expression that peft matches against whole module names."""
+    targets = list(model_cls.lora_targets)
+    scope = getattr(model_cls, "lora_scope", "")
+    if not scope:
+        return targets
+    return rf"{re.escape(scope)}\.(?:.*\.)?(?:{'|'.join(targets)})"
+
+
+def layer_rank_bound(layer: nn.Module) -> int:
+    """The largest rank an update of `layer`'s weight can have: min(out, in) for a linear layer, min(out,
+    in / groups x kernel area) for a convolution (peft's conv LoRA: A a convolution to r channels, B a 1x1 one)."""
+    if isinstance(layer, nn.Conv2d):
+        return min(layer.out_channels, layer.in_channels // layer.groups * math.prod(layer.kernel_size))
+    return min(layer.out_features, layer.in_features)
 
 
 def check_lora(lora: Any, family: type, config: Any) -> None:
@@ -67,8 +108,13 @@ def add_lora(model: nn.Module, lora: Any) -> Any:
 
     check_lora(lora, type(model), model.config)
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(model.lora_targets))
+                        target_modules=target_modules(type(model)))
     peft_model = get_peft_model(model, config)
+    bound = min(layer_rank_bound(layer.get_base_layer()) for _, layer in lora_layers(model))
+    if lora.rank > bound:
+        raise GenlabError(f"adapt.lora.rank={lora.rank} is above {bound}, the largest rank an update of the "
+                          f"smallest adapted layer can have (a higher rank adds parameters, not expressiveness): "
+                          f"set adapt.lora.rank <= {bound}")
     base = Path(model.config.init_from).expanduser().resolve()
     peft_model.peft_config["default"].base_model_name_or_path = str(base)
     return peft_model
@@ -76,12 +122,28 @@ def add_lora(model: nn.Module, lora: Any) -> Any:
 
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """`model` (the base) with the adapter saved in `directory` put on it by peft; the model, adapted in place."""
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors import SafetensorError, safe_open
 
+    check_adapter_config(directory)
+    weights = Path(directory) / ADAPTER_WEIGHTS
     try:
-        PeftModel.from_pretrained(model, str(directory))
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise GenlabError(f"the adapter in {directory} does not fit its base model ({e})") from None
+        with safe_open(str(weights), framework="pt") as f:
+            saved = set(f.keys())
+        with warnings.catch_warnings():  # peft warns of keys that do not fit; they are checked below
+            warnings.simplefilter("ignore")
+            peft_model = PeftModel.from_pretrained(model, str(directory))
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GenlabError(f"the adapter in {directory} does not fit its base model, a {model.family} model "
+                          f"({first[:200]}): give the base it was trained on (base_model_name_or_path)") from None
+    placed = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))
+    if saved != placed:
+        odd = min(saved ^ placed)
+        raise GenlabError(f"the adapter in {directory} does not fit its base model, a {model.family} model: "
+                          f"{len(saved - placed)} of its {len(saved)} tensors have no layer there and "
+                          f"{len(placed - saved)} adapted layers no tensor (e.g. {odd}); give the base it was trained "
+                          "on (base_model_name_or_path)")
     return model
 
 

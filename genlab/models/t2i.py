@@ -158,7 +158,10 @@ class TextDiffusionModel(DiffusionModel):
     @classmethod
     def build(cls, config: TextDiffusionConfig, dataset: Any) -> TextDiffusionModel:
         """Train the BPE on the captions (or read the CLIP folder's tokenizer and text tower), size max_tokens to the
-        longest caption, take preview prompts from the captions, then build as the diffusion family does."""
+        longest caption, take preview prompts from the captions, then build as the diffusion family does; with
+        `init_from`, the trained model of that folder (fine-tuning, LoRA)."""
+        if config.init_from:
+            return cls.continued(config, dataset)
         captions = _captions(dataset)
         config = dataclasses.replace(config, class_cond=False, num_classes=0)
         text_encoder = None

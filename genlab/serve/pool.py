@@ -1,6 +1,6 @@
-"""The models a server offers: every model folder (or run folder with `model/`) directly inside `--models DIR`,
-named by its folder name, loaded on first use and unloaded least-recently-used once the loaded weights pass a
-memory budget."""
+"""The models a server offers: every model folder (or run folder with `model/`, or LoRA adapter folder, served as
+its base with the adapter on it) directly inside `--models DIR`, named by its folder name, loaded on first use and
+unloaded least-recently-used once the loaded weights pass a memory budget."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from genlab.models.base import (
     read_model_meta,
     resolve_model_dir,
 )
+from genlab.models.lora import adapter_base, is_adapter_folder
 from genlab.registry import MODELS
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -61,15 +62,16 @@ def scan(models_dir: Path) -> dict[str, ModelEntry]:
     for sub in sorted(p for p in models_dir.iterdir() if p.is_dir() and NAME.match(p.name)):
         try:
             d = resolve_model_dir(sub)
-            _, meta = read_model_meta(d)
+            model_dir = resolve_model_dir(adapter_base(d)) if is_adapter_folder(d) else d  # an adapter's base
+            _, meta = read_model_meta(model_dir)
             family = meta.get("family")
             cls = MODELS.get(family) if isinstance(family, str) else None
         except GenlabError:
             continue
         if cls is None:
             continue
-        weights = d / WEIGHTS_NAME
-        size = weights.stat().st_size if weights.is_file() else 0
+        size = sum(f.stat().st_size for f in (model_dir / WEIGHTS_NAME, d / "adapter_model.safetensors")
+                   if f.is_file())
         found[sub.name] = ModelEntry(sub.name, d, family, cls, size, int(d.stat().st_mtime))
     return found
 
