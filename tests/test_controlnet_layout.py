@@ -197,3 +197,22 @@ def test_cli_trains_a_box_controlnet_and_samples_a_prompt_with_two_weighted_cont
     base = GenerativeModel.from_pretrained(base_dir)
     for name, p in base.state_dict().items():
         assert torch.equal(model.state_dict()[name], p), name  # the base (U-Net and text encoder) stayed frozen
+
+
+def test_layout_iou_matches_closed_forms():
+    from genlab.eval.layout import box_iou, layout_iou
+
+    assert box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
+    assert box_iou((0, 0, 1, 1), (2, 2, 3, 3)) == 0.0
+    img = np.full((1, 16, 16, 3), 255, dtype=np.uint8)
+    img[0, 3:8, 2:6] = (220, 30, 30)  # one object covering pixels x 2..5, y 3..7: box (2, 3, 6, 8)
+    x = torch.from_numpy(img).permute(0, 3, 1, 2)
+    exact = layout_iou(x, [[(2, 3, 6, 8)]])
+    assert exact["box_iou"].item() == pytest.approx(1.0) and exact["mask_iou"].item() == pytest.approx(1.0)
+    # control box shifted right by 2: box IoU 2x5 / (20 + 20 - 10) = 1/3, mask the same
+    shifted = layout_iou(x, [[(4, 3, 8, 8)]])
+    assert shifted["box_iou"].item() == pytest.approx(1 / 3) and shifted["mask_iou"].item() == pytest.approx(1 / 3)
+    # two control boxes, one missed: (1 + 0) / 2; an empty image against no boxes is a perfect match
+    assert layout_iou(x, [[(2, 3, 6, 8), (10, 10, 14, 14)]])["box_iou"].item() == pytest.approx(0.5)
+    blank = torch.full((1, 3, 16, 16), 255, dtype=torch.uint8)
+    assert layout_iou(blank, [[]])["box_iou"].item() == 1.0

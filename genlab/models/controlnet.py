@@ -91,14 +91,19 @@ class TextControlNetConfig(ControlKeys, TextDiffusionConfig):
     """The base text-to-image model's keys (copied from `init_from` by build) plus the control's."""
 
 
-def control_of(batch: dict[str, Any], config: ControlKeys, device: torch.device) -> Tensor:
-    """The control (B, 1, H, W) in {0, 1} of a training batch: made from its images `x` (B, C, H, W) in [-1, 1], or
-    its box layouts (`BoxLayoutData`)."""
+def control_of(images: Tensor, config: ControlKeys) -> Tensor:
+    """The edge control (B, 1, H, W) in {0, 1} made from images (B, C, H, W) in [-1, 1]."""
+    if config.control == "thin_edges":
+        return thin_edges(images, config.edge_threshold)
+    return sobel_edges(images, config.edge_threshold)
+
+
+def training_control(batch: dict[str, Any], config: ControlKeys, device: torch.device) -> Tensor:
+    """The control (B, 1, H, W) in {0, 1} of a training batch: its box layouts (`BoxLayoutData`) for the box
+    control, else the edge map of its images."""
     if config.control == "boxes":
         return batch["control"].to(device)
-    x = batch["x"].to(device)
-    return thin_edges(x, config.edge_threshold) if config.control == "thin_edges" else \
-        sobel_edges(x, config.edge_threshold)
+    return control_of(batch["x"].to(device), config)
 
 
 def _check_control(config: ControlKeys) -> None:
@@ -208,7 +213,7 @@ class _ControlNetFamily:
     def training_labels(self, batch: dict[str, Any], device: torch.device) -> ControlCondition:
         """The base's condition (with its dropout) and the control of each training image."""
         labels = super().training_labels(batch, device)  # type: ignore[misc]
-        return ControlCondition(labels, control_of(batch, self.config, device)[:, None], (1.0,))
+        return ControlCondition(labels, training_control(batch, self.config, device)[:, None], (1.0,))
 
     def control_condition(self, control: Control, n: int, labels: Any, device: torch.device) -> ControlCondition:
         """`control` checked against this model and expanded to `n` samples."""
