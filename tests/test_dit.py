@@ -171,27 +171,32 @@ def test_long_skips_pair_shallow_and_deep_blocks_as_written_out():
     assert len(net.skip_linears) == 2 and len(DiT(**{**TINY, "depth": 6}, long_skip=True).skip_linears) == 2
     h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
     b, skip = net.blocks, net.skip_linears
+    plain = h
+    for block in b:
+        plain = block(plain, c)
+    torch.testing.assert_close(net.run_blocks(h, c), plain)  # each skip starts by passing h through
+    for layer in skip:
+        torch.nn.init.normal_(layer.weight, std=0.1)
     h0 = b[0](h, c)
     h1 = b[1](h0, c)
     h2 = b[2](h1, c)
     h3 = b[3](skip[1](torch.cat([h2, h1], -1)), c)
     h4 = b[4](skip[0](torch.cat([h3, h0], -1)), c)
     torch.testing.assert_close(net.run_blocks(h, c), h4)
-    plain = h
-    for block in b:
-        plain = block(plain, c)
     assert not torch.allclose(net.run_blocks(h, c), plain, atol=1e-3)
 
 
 def test_final_conv_is_a_3x3_conv_of_the_unpatchified_output_and_starts_at_zero():
-    """With final_conv the output is conv3x3(unpatchify(final layer)) (U-ViT's output conv); at init the whole
-    net still outputs zero (adaLN-Zero's zero output layer, the conv's zero bias); without the options the
+    """With final_conv the output is conv3x3(unpatchify(final layer)) (U-ViT's output conv), an identity filter at
+    init, so the whole net still outputs zero (adaLN-Zero's zero output layer); without the options the
     parameters are exactly those of a plain DiT, so older model folders still load."""
     torch.manual_seed(0)
     net = DiT(**TINY, long_skip=True, final_conv=True)
     x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 4])
     assert torch.equal(net(x, t, y), torch.zeros_like(x))
+    assert torch.equal(net.final_conv(x), x)
     _unzeroed(net)
+    torch.nn.init.normal_(net.final_conv.weight)
     torch.nn.init.normal_(net.final_conv.bias)
     c = net.t_embedder(t) + net.label_embed(y)
     h = net.run_blocks(net.x_embedder(x).flatten(2).transpose(1, 2) + net.pos_embed, c)

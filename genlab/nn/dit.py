@@ -167,7 +167,11 @@ class DiT(nn.Module):
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-        if self.final_conv is not None:  # the output stays zero at init
+        if self.skip_linears is not None:  # each long skip starts by passing h through: the plain DiT at init
+            for skip in self.skip_linears:
+                nn.init.eye_(skip.weight)
+        if self.final_conv is not None:  # the output conv starts as the identity (a random 3x3 filter is ill-
+            nn.init.dirac_(self.final_conv.weight)  # conditioned to invert: eps has every frequency)
             nn.init.zeros_(self.final_conv.bias)
 
     def unpatchify(self, x: Tensor) -> Tensor:
