@@ -130,7 +130,9 @@ class DiffusionDPO(GenerativeModel):
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """Mean Diffusion-DPO loss at t ~ U{0..T-1} and eps ~ N(0, I) shared by each pair's two images;
-        `reward_acc`: the share of pairs whose implicit reward ranks the chosen image above the rejected one."""
+        `reward_acc`: the share of pairs whose implicit reward ranks the chosen image above the rejected one;
+        `mse_w` / `mse_l` and the reference's `ref_mse_w` / `ref_mse_l` tell which side moved (the loss also falls
+        when both errors rise, the rejected one faster)."""
         device = self.policy.alpha_bar.device
         x_w, x_l = batch["chosen"].to(device), batch["rejected"].to(device)
         B = x_w.shape[0]
@@ -143,7 +145,7 @@ class DiffusionDPO(GenerativeModel):
         losses = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, self.config.beta)
         margin = -((err_w - ref_w) - (err_l - ref_l)).detach()
         return {"loss": losses.mean(), "reward_acc": (margin > 0).float().mean(), "mse_w": err_w.detach().mean(),
-                "mse_l": err_l.detach().mean()}
+                "mse_l": err_l.detach().mean(), "ref_mse_w": ref_w.mean(), "ref_mse_l": ref_l.mean()}
 
     def sample(self, n: int, cond: Any = None, generator: Any = None, **opts: Any) -> Tensor:
         return self.policy.sample(n, cond, generator, **opts)
