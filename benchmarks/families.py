@@ -29,6 +29,7 @@ import argparse
 import ast
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -86,6 +87,10 @@ class Row:
     roles: tuple[str, ...] = ()
     tokenizer: str = ""  # a two-stage family: the recipe of its tokenizer, trained first (half the budget each)
     tokenizer_overrides: tuple[str, ...] = ()
+    # a distilled family: the recipe of its teacher, trained first under the whole budget (the same run as that
+    # recipe's own rows), whose model folder the row's recipe reads as model.teacher; the row's own training gets
+    # the budget again and its record keeps the teacher's beside it, not added to it
+    teacher: str = ""
 
     @property
     def stacked(self) -> bool:
@@ -118,6 +123,12 @@ ROWS: list[Row] = [
     Row("gan-r3-stacked-s1", "mnist-gan", UNCOND, data=STACKED, seed=1, roles=("gan_stacked",)),
     Row("gan-r3-stacked-s2", "mnist-gan", UNCOND, data=STACKED, seed=2, roles=("gan_stacked",)),
     Row("ddpm-stacked-dpm-20", "mnist-ddpm", UNCOND, sampler="dpmpp_2m", steps=20, data=STACKED),
+    # few steps (issue 14): consistency distillation of the EDM teacher and a shortcut model without one, against
+    # the teacher's own DDPM-250 (r0 of these checks, in the same run)
+    *[Row(f"cd-{k}", "mnist-cd", steps=k, teacher="mnist-edm", roles=(f"fewstep{k}", "fewstep_cost"))
+      for k in (1, 2, 4)],
+    *[Row(f"shortcut-{k}", "mnist-shortcut", steps=k, roles=(f"fewstep{k}", "fewstep_cost")) for k in (1, 2, 4)],
+    Row("edm-ddpm-250", "mnist-edm", sampler="ddpm", steps=250, roles=("r0_teacher",)),
 ]
 
 
@@ -169,9 +180,15 @@ def source_files(module_name: str) -> list[Path]:
 
 def code_version(row: Row, family: str | None) -> str:
     """A hash of the row's family source (its module and the building blocks it imports); for the diffusers row,
-    of this baseline's loop and the diffusers version."""
+    of this baseline's loop and the diffusers version. Taken once per family and process: the modules a process
+    imported do not change when their files do, so every row of one run keys the code it runs."""
+    return _code_version(row.kind, family)
+
+
+@functools.cache
+def _code_version(kind: str, family: str | None) -> str:
     h = hashlib.sha256()
-    if row.kind == "diffusers":
+    if kind == "diffusers":
         import inspect
 
         import diffusers
@@ -517,7 +534,14 @@ def _run_dir(out: Path, row: Row, tkey: str) -> Path:
 def _stages(row: Row, settings: Settings, out: Path) -> list[tuple[Row, Settings, str, dict[str, Any]]]:
     """The training runs a row needs, in order, with their settings and keys: one, or for a two-stage family a
     tokenizer then the model over its codes (`model.tokenizer` = the first run's folder), each with half the
-    budget."""
+    budget; or for a distilled family its teacher then the row (`model.teacher` = the teacher's model folder), each
+    with the whole budget."""
+    if row.teacher:
+        teacher = Row(f"{row.name}-teacher", row.teacher, data=row.data, seed=row.seed)
+        kt, spec_t = train_key(teacher, settings)
+        student = Row(**{**asdict(row), "teacher": "", "overrides": (
+            *row.overrides, f"model.teacher={(_run_dir(out, teacher, kt) / 'model').resolve()}")})
+        return [(teacher, settings, kt, spec_t), (student, settings, *train_key(student, settings))]
     if not row.tokenizer:
         return [(row, settings, *train_key(row, settings))]
     half = Settings(**{**asdict(settings), "minutes": settings.minutes / 2})
@@ -546,11 +570,14 @@ def _ensure_trained(row: Row, settings: Settings, tkey: str, out: Path, device: 
     return run_dir, done, True
 
 
-def _combine(stages: list[dict[str, Any]]) -> dict[str, Any]:
-    """One training record from a tokenizer's and a prior's: FLOPs, images, steps and seconds add up."""
+def _combine(stages: list[dict[str, Any]], distilled: bool = False) -> dict[str, Any]:
+    """One training record from a tokenizer's and a prior's: FLOPs, images, steps and seconds add up; a distilled
+    row's is its own, with its teacher's under "teacher"."""
     if len(stages) == 1:
         return stages[0]
     first, last = stages
+    if distilled:
+        return {**last, "teacher": first, "diverged": any(s.get("diverged") for s in stages)}
     out = {**last, "stages": stages, "diverged": any(s.get("diverged") for s in stages)}
     for k in ("train_flops", "images_seen", "train_seconds"):
         out[k] = sum(s.get(k) or 0 for s in stages)
@@ -561,7 +588,7 @@ def _combine(stages: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _row_spec(row: Row) -> dict[str, Any]:
     """The row's fields for its key (the two-stage fields only where set, so other rows keep their keys)."""
-    return {k: v for k, v in asdict(row).items() if v or k not in ("tokenizer", "tokenizer_overrides")}
+    return {k: v for k, v in asdict(row).items() if v or k not in ("tokenizer", "tokenizer_overrides", "teacher")}
 
 
 def run_rows(rows: list[Row], settings: Settings, out: Path, device: str = "cpu",
@@ -576,7 +603,8 @@ def run_rows(rows: list[Row], settings: Settings, out: Path, device: str = "cpu"
     records: dict[str, Any] = {}
     trained, measured, missing, failed = [], [], [], []
     for row in rows:
-        if not recipe_exists(row) or (row.tokenizer and not recipe_exists(Row(row.name, row.tokenizer))):
+        if not recipe_exists(row) or any(first and not recipe_exists(Row(row.name, first))
+                                         for first in (row.tokenizer, row.teacher)):
             missing.append(row.name)
             continue
         stages = _stages(row, settings, out)
@@ -599,7 +627,7 @@ def run_rows(rows: list[Row], settings: Settings, out: Path, device: str = "cpu"
                 dones.append({k: v for k, v in done.items() if k != "train_key"})
                 if now and row.name not in trained:
                     trained.append(row.name)
-            train = _combine(dones)
+            train = _combine(dones, distilled=bool(row.teacher))
             log(f"[families] measuring {row.name}")
             rec: dict[str, Any] = {"row": row.name, "key": key, "train_key": stages[-1][2],
                                    "code_version": stages[-1][3]["code"], "git": git_describe(), "spec": asdict(row),
@@ -628,6 +656,20 @@ def _ratio_check(rows: dict[str, Any], role: str, ref_role: str, limit: float) -
     return ("pass" if ok else "fail"), "; ".join(parts)
 
 
+def _cost_check(rows: dict[str, Any], role: str, ref_role: str, limit: float) -> tuple[str, str]:
+    """Training FLOPs of the rows with `role` (a distilled row's own, without its teacher's) against the `ref_role`
+    row's; rows sharing one training run are counted once."""
+    ref = [r for r in rows.values() if ref_role in r["spec"]["roles"] and r["train"].get("train_flops")]
+    runs = {r["train_key"]: r for r in rows.values() if role in r["spec"]["roles"] and r["train"].get("train_flops")}
+    if not ref or not runs:
+        return "n/a", f"needs rows with roles {role} and {ref_role}"
+    base = ref[0]["train"]["train_flops"]
+    parts = [f"{r['spec']['recipe']} {_si(r['train']['train_flops'])} = {r['train']['train_flops'] / base:.2f} x "
+             f"{ref[0]['spec']['recipe']} ({_si(base)})" for r in runs.values()]
+    ok = all(r["train"]["train_flops"] <= limit * base for r in runs.values())
+    return ("pass" if ok else "fail"), "; ".join(parts)
+
+
 def acceptance(rows: dict[str, Any]) -> list[dict[str, str]]:
     """The issue's acceptance checks on the measured rows: pass, fail, or n/a when a row is missing."""
     checks = []
@@ -652,6 +694,10 @@ def acceptance(rows: dict[str, Any]) -> list[dict[str, str]]:
     add("DCGAN baseline mode count (beside)", ("info", "; ".join(f"{r['row']}: {r['modes']}/1000, KL "
                                                                  f"{r['modes_kl']:.3f}" for r in dc) or "not run"))
     add("VAE FID <= 5 r0", _ratio_check(rows, "vae", "r0", 5.0))
+    for k, limit in ((1, 2.5), (2, 1.5), (4, 1.3)):
+        add(f"few steps: {k} step{'s' if k > 1 else ''} FID <= {limit} r0 (the EDM teacher's DDPM-250, same run)",
+            _ratio_check(rows, f"fewstep{k}", "r0_teacher", limit))
+    add("few steps: training FLOPs <= 1.5 x the EDM teacher's", _cost_check(rows, "fewstep_cost", "r0_teacher", 1.5))
     flows = [r for r in rows.values() if "flow" in r["spec"]["roles"] and "bits_per_dim" in r]
     add("flows <= 1.20 test bits/dim", (("pass" if all(r["bits_per_dim"] <= 1.20 for r in flows) else "fail")
                                         if flows else "n/a",
