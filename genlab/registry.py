@@ -75,7 +75,7 @@ MODELS: Registry[type] = Registry("model family", [
     "genlab.models.clip", "genlab.models.t2i",
     "genlab.models.captioner", "genlab.adapt.dpo", "genlab.models.controlnet",
     "genlab.adapt.diffusion_dpo",
-    "genlab.models.consistency", "genlab.models.shortcut"])
+    "genlab.models.consistency", "genlab.models.shortcut", "genlab.adapt.dreambooth"])
 DATASETS: Registry[Callable] = Registry("dataset", ["genlab.data.builtin", "genlab.data.stacked_mnist",
                                                   "genlab.data.shapes"])
 SAMPLERS: Registry[Callable] = Registry("sampler", ["genlab.sampling.solvers"])
