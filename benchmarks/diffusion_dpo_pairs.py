@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from genlab.adapt.diffusion_dpo import CHOSEN_SOURCES, geneval_pairs
+from genlab.adapt.diffusion_dpo import CHOSEN_SOURCES, RANKINGS, geneval_pairs
 from genlab.config import check_int, check_number, check_output_path
 from genlab.data.image_pairs import write_image_pairs
 from genlab.eval.geneval import CATEGORIES, prompt_specs
@@ -31,6 +31,7 @@ def main() -> None:
     p.add_argument("--prompt-seed", type=int, default=1, help="seed of the prompt set (evaluation uses 0)")
     p.add_argument("--seed", type=int, default=10_000, help="image i is seeded seed + i")
     p.add_argument("--chosen", choices=CHOSEN_SOURCES, default="sample")
+    p.add_argument("--rank", choices=RANKINGS, default="pass", help="partial: also rank failures by attribute recall")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
@@ -46,8 +47,8 @@ def main() -> None:
     model = GenerativeModel.from_pretrained(resolve_model_dir(args.model)).eval()
     t0 = time.monotonic()
     prompts, chosen, rejected, extra, summary = geneval_pairs(
-        model, specs, args.k, seed=args.seed, chosen=args.chosen, batch_size=args.batch, sampler=args.sampler,
-        steps=args.steps, guidance=Guidance(args.cfg))
+        model, specs, args.k, seed=args.seed, chosen=args.chosen, rank=args.rank, batch_size=args.batch,
+        sampler=args.sampler, steps=args.steps, guidance=Guidance(args.cfg))
     write_image_pairs(args.out, prompts, chosen, rejected, extra)
     print(json.dumps({"benchmark": "diffusion_dpo_pairs", "model": args.model, "cfg": args.cfg, "steps": args.steps,
                       "sampler": args.sampler, "chosen": args.chosen, **summary,

@@ -202,8 +202,18 @@ def test_rank_pairs_takes_a_correct_and_an_incorrect_sample_of_the_same_prompt()
                 True, True, True, True,  # prompt 1: no incorrect sample, no pair
                 False, False, False, True]  # prompt 2: chosen 11, rejected 8
     assert rank_pairs(specs, torch.zeros(12, 3, 4, 4), verdicts, 4) == [(1, 0), (11, 8)]
-    with pytest.raises(GenlabError, match="verdicts"):
+    with pytest.raises(GenlabError, match="scores"):
         rank_pairs(specs, torch.zeros(12, 3, 4, 4), verdicts[:-1], 4)
+    graded = [0.2, 0.5, 0.5, 0.1, 0.3, 0.3, 0.3, 0.3, 2.0, 0.0, 0.7, 0.0]  # best and worst, first of each
+    assert rank_pairs(specs, torch.zeros(12, 3, 4, 4), graded, 4) == [(1, 3), (8, 9)]
+
+
+def test_attribute_recall_reads_multisets():
+    spec = G.make_spec("counting", [("red", "circle")] * 3)
+    det = lambda c, s: G.Detection(s, c, "small", (0, 0, 4, 4))  # noqa: E731
+    r = G.attribute_recall(spec, [det("red", "circle"), det("red", "square"), det("blue", "circle")])
+    assert r == pytest.approx({"objects": 1 / 3, "colors": 2 / 3, "shapes": 2 / 3, "partial": 5 / 9, "count": 1.0})
+    assert G.attribute_recall(spec, [])["partial"] == 0.0
 
 
 def test_cli_trains_on_a_pair_folder_and_writes_a_plain_text_diffusion_folder(tmp_path, base_dir):

@@ -35,6 +35,7 @@ from genlab.models.diffusion import DiffusionModel
 from genlab.registry import MODELS
 
 CHOSEN_SOURCES = ("sample", "render")
+RANKINGS = ("pass", "partial")  # Shapes-GenEval's verdict, or also its attribute recall among failures
 ENCODE_BATCH = 64
 
 
@@ -163,45 +164,51 @@ class DiffusionDPO(GenerativeModel):
                                                        if k.startswith("policy.")})
 
 
-def rank_pairs(specs: list[G.PromptSpec], images: Tensor, verdicts: list[bool], k: int
-               ) -> list[tuple[int, int]]:
-    """(chosen index, rejected index) per prompt whose `k` consecutive images hold both a correct and an incorrect
-    one by the evaluator: the first of each."""
-    if len(images) != len(specs) * k or len(verdicts) != len(images):
-        raise GenlabError(f"{len(images)} images and {len(verdicts)} verdicts for {len(specs)} prompts x {k}")
+def rank_pairs(specs: list[G.PromptSpec], images: Tensor, scores: list[float], k: int) -> list[tuple[int, int]]:
+    """(chosen index, rejected index) per prompt whose `k` consecutive images do not all score the same: the first
+    of the best and the first of the worst (scores 1/0: a correct and an incorrect image by the evaluator)."""
+    if len(images) != len(specs) * k or len(scores) != len(images):
+        raise GenlabError(f"{len(images)} images and {len(scores)} scores for {len(specs)} prompts x {k}")
     out = []
     for p in range(len(specs)):
-        ok = [p * k + j for j in range(k) if verdicts[p * k + j]]
-        bad = [p * k + j for j in range(k) if not verdicts[p * k + j]]
-        if ok and bad:
-            out.append((ok[0], bad[0]))
+        row = [float(v) for v in scores[p * k: p * k + k]]
+        if max(row) > min(row):
+            out.append((p * k + row.index(max(row)), p * k + row.index(min(row))))
     return out
 
 
 def geneval_pairs(model: GenerativeModel, specs: list[G.PromptSpec], k: int, *, seed: int = 0,
-                  chosen: str = "sample", reader: G.AttributeReader | None = None, batch_size: int = 64,
-                  **sample_opts: Any) -> tuple[list[str], Tensor, Tensor, list[dict[str, Any]], dict[str, Any]]:
+                  chosen: str = "sample", rank: str = "pass", reader: G.AttributeReader | None = None,
+                  batch_size: int = 64, **sample_opts: Any
+                  ) -> tuple[list[str], Tensor, Tensor, list[dict[str, Any]], dict[str, Any]]:
     """Preference pairs of `specs` ranked by Shapes-GenEval: `k` samples per prompt (image i seeded seed + i) read by
-    the evaluator, a correct one chosen and an incorrect one rejected. With chosen="render", a prompt none of whose
-    samples is correct takes as its chosen image a real `shapes` render of it that the evaluator passes (a weaker,
-    off-policy stand-in, marked `"chosen_from": "render"` in the pair's record). Returns prompts, chosen and rejected
-    images, per-pair records and a summary."""
+    the evaluator, a correct one chosen and an incorrect one rejected. rank="partial" also ranks images that both
+    fail by `attribute_recall`'s partial score (a pass outranks any failure), so a weak model still gets on-policy
+    pairs. With chosen="render", a prompt none of whose samples is correct and that got no pair takes as its chosen
+    image a real `shapes` render of it that the evaluator passes (a weaker, off-policy stand-in, marked
+    `"chosen_from": "render"` in the pair's record). Returns prompts, chosen and rejected images, per-pair records and
+    a summary."""
     if chosen not in CHOSEN_SOURCES:
         raise GenlabError(f"chosen images come from {' or '.join(CHOSEN_SOURCES)}, not {chosen!r}")
+    if rank not in RANKINGS:
+        raise GenlabError(f"pairs are ranked by {' or '.join(RANKINGS)}, not {rank!r}")
     reader = reader or G.get_reader()
     expanded = G.expand(specs, k)
     images = sample_images(model.sample, len(expanded), seed, batch_size=batch_size,
                            cond=[s.prompt for s in expanded], per_item_seeds=True, **sample_opts)
-    verdicts = [G.passes(s, d) for s, d in zip(expanded, reader.read(images), strict=True)]
-    pairs = rank_pairs(specs, images, verdicts, k)
+    detections = reader.read(images)
+    verdicts = [G.passes(s, d) for s, d in zip(expanded, detections, strict=True)]
+    scores = [2.0 if v else G.attribute_recall(s, d)["partial"] if rank == "partial" else 0.0
+              for s, d, v in zip(expanded, detections, verdicts, strict=True)]
+    pairs = rank_pairs(specs, images, scores, k)
     prompts = [expanded[w].prompt for w, _ in pairs]
     chosen_x, rejected_x = [images[w] for w, _ in pairs], [images[l_] for _, l_ in pairs]
     extra = [{"category": expanded[w].category, "chosen_from": "sample", "chosen_seed": seed + w,
-              "rejected_seed": seed + l_} for w, l_ in pairs]
+              "rejected_seed": seed + l_, "chosen_score": scores[w], "rejected_score": scores[l_]} for w, l_ in pairs]
     renders = 0
     if chosen == "render":
-        paired = {expanded[w].prompt for w, _ in pairs}
-        lonely = [(p, s) for p, s in enumerate(specs) if s.prompt not in paired and not any(verdicts[p * k: p * k + k])]
+        paired = {w // k for w, _ in pairs}
+        lonely = [(p, s) for p, s in enumerate(specs) if p not in paired and not any(verdicts[p * k: p * k + k])]
         if lonely:
             real = G.render_specs([s for _, s in lonely], image_size=images.shape[-1], seed=seed)
             real_ok = [G.passes(s, d) for (_, s), d in zip(lonely, reader.read(real), strict=True)]
@@ -212,7 +219,8 @@ def geneval_pairs(model: GenerativeModel, specs: list[G.PromptSpec], k: int, *, 
                     rejected_x.append(images[p * k])
                     extra.append({"category": s.category, "chosen_from": "render", "rejected_seed": seed + p * k})
                     renders += 1
-    summary = {"prompts": len(specs), "samples_per_prompt": k, "sample_pass_rate": sum(verdicts) / len(verdicts),
+    summary = {"prompts": len(specs), "samples_per_prompt": k, "rank": rank,
+               "sample_pass_rate": sum(verdicts) / len(verdicts),
                "pairs": len(prompts), "pairs_from_samples": len(pairs), "pairs_with_rendered_chosen": renders}
     if not prompts:
         raise GenlabError(f"no prompt of {len(specs)} had both a correct and an incorrect sample among {k}; draw more "

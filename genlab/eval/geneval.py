@@ -414,6 +414,18 @@ def passes(spec: PromptSpec, detections: list[Detection]) -> bool:
     return S.relation_of(a.center, b.center) == spec.relation
 
 
+def attribute_recall(spec: PromptSpec, detections: list[Detection]) -> dict[str, float]:
+    """Finer readings than `passes` for models that rarely pass: the share of the stated (color, shape) objects,
+    colors and shapes found (multisets), their mean (`partial`), and whether the object count is right."""
+    def recall(want: Counter, got: Counter) -> float:
+        return sum((want & got).values()) / sum(want.values())
+
+    out = {"objects": recall(Counter(spec.objects), Counter((d.color, d.shape) for d in detections)),
+           "colors": recall(Counter(c for c, _ in spec.objects), Counter(d.color for d in detections)),
+           "shapes": recall(Counter(s for _, s in spec.objects), Counter(d.shape for d in detections))}
+    return {**out, "partial": sum(out.values()) / 3, "count": float(len(detections) == len(spec.objects))}
+
+
 def score(images: Tensor | np.ndarray, specs: list[PromptSpec], reader: AttributeReader | None = None
           ) -> dict[str, Any]:
     """Shapes-GenEval of images, one spec per image: per category its pass rate, images and prompts; overall.
