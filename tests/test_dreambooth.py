@@ -143,3 +143,42 @@ def test_cli_trains_a_lora_dreambooth_that_sample_and_export_merge_read(base_dir
     assert main(["train", "configs/shapes-dreambooth.yaml", *[a for s in sets for a in ("--set", s)],
                  "--set", "name=db2", "--set", "data.image_size=64"]) == 2
     assert "set data.image_size=32" in capsys.readouterr().err
+
+
+# -- the concept classifier ------------------------------------------------------------------------------------
+def test_concept_renders_are_balanced_single_objects_with_the_concept_last():
+    from genlab.eval.concept import ConceptRecipe, concept_classes, concept_renders
+
+    recipe = ConceptRecipe(per_class=8)
+    x, y = concept_renders(recipe, "val")
+    classes = concept_classes("arrow")
+    assert classes[-1] == "arrow" and classes[:-1] == S.SHAPES
+    assert x.shape == (2 * len(classes), 3, 32, 32) and torch.equal(torch.bincount(y), torch.full((8,), 2))
+    assert x.min() >= -1 and x.max() <= 1 and not torch.equal(x, concept_renders(recipe, "train")[0][: len(x)])
+    with pytest.raises(GenlabError, match="not a new shape"):
+        concept_classes("circle")
+
+
+def test_share_is_the_fraction_of_images_called_the_concept():
+    from genlab.eval.concept import ConceptClassifier
+
+    class Stub(torch.nn.Module):  # calls an image the concept when its mean is above 0
+        def forward(self, x):
+            logits = torch.zeros(len(x), 8)
+            logits[:, 7] = x.mean((1, 2, 3))
+            return logits
+
+    clf = ConceptClassifier(Stub(), (*S.SHAPES, "arrow"), {"image_size": 32})
+    x = torch.cat([torch.full((3, 3, 32, 32), 0.5), torch.full((5, 3, 32, 32), -0.5)])
+    assert clf.share(x) == 3 / 8 and clf.concept == "arrow"
+    with pytest.raises(GenlabError, match="reads"):
+        clf.predict(torch.zeros(2, 3, 16, 16))
+
+
+@pytest.mark.slow
+def test_the_concept_classifier_tells_the_arrow_from_the_known_shapes_on_held_out_renders():
+    from genlab.eval.concept import ConceptRecipe, train_concept_classifier
+
+    clf = train_concept_classifier(ConceptRecipe(per_class=200, epochs=4))
+    assert clf.meta["val_accuracy"] > 0.9 and clf.meta["val_concept_recall"] > 0.9
+    assert clf.meta["val_known_called_concept"] < 0.05
