@@ -253,7 +253,9 @@ def test_caption_generate_and_eval_commands(trained, tmp_path, capsys):
     assert [t.rstrip() for t in two] == [f"{png}: {one}".rstrip()] * 2  # an untrained model may say nothing
     assert main(["generate", str(s2), "--image", str(png), "--prompt", "What color is the square?",
                  "--temperature", "0", "--max-new-tokens", "5"]) == 0
+    capsys.readouterr()
     assert main(["eval", str(s2), "--metrics", "caption", "--n", "3", "--out", str(tmp_path / "ev")]) == 0
+    assert "{}" not in capsys.readouterr().out.splitlines()  # no empty headline before the caption table
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())["caption_eval"]
     assert set(result) == {"seen", "heldout"}
     assert result["seen"]["caption"]["n"] == 3 and 0.0 <= result["heldout"]["f1"] <= 1.0

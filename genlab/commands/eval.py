@@ -227,7 +227,8 @@ def _evaluate_model(args: argparse.Namespace, model_dir: Path, data: str, metric
     paths = write_report(result, out_dir, images, nrow=nrow)
     shown = {k: v for k, v in result.items() if k in ("fid", "kid", "kid_se", "is", "precision", "recall",
                                                         "density", "coverage", "bits_per_dim", "perplexity")}
-    print(json.dumps(shown))
+    if shown:  # a caption- or geneval-only run has no headline numbers; its tables follow
+        print(json.dumps(shown))
     if "caption_eval" in result:
         from genlab.eval.captioning import caption_table
 
