@@ -327,6 +327,31 @@ class Store:
             return None
         return self.outputs_dir / Path(row["filename"]).name, row["media_type"]
 
+    def outputs_page(self, limit: int, offset: int) -> tuple[list[sqlite3.Row], int]:
+        """Indexed outputs, newest first, each with its job's model, kind and result; and the total count."""
+        db = self._conn()
+        total = db.execute("SELECT COUNT(*) FROM outputs").fetchone()[0]
+        rows = db.execute("SELECT o.id, o.job_id, o.created, o.media_type, j.model, j.kind, j.result FROM outputs o "
+                          "LEFT JOIN jobs j ON j.id = o.job_id ORDER BY o.created DESC, o.rowid DESC LIMIT ? OFFSET ?",
+                          (limit, offset)).fetchall()
+        return rows, int(total)
+
+    def delete_output(self, output_id: str) -> bool:
+        """Remove an output from the index and then its file; False when there is none."""
+        found = self.output(output_id)
+        if found is None:
+            return False
+        with self._tx() as db:
+            db.execute("DELETE FROM outputs WHERE id = ?", (output_id,))
+        found[0].unlink(missing_ok=True)
+        return True
+
+    def active_jobs(self, limit: int) -> list[Job]:
+        """Queued and running jobs in queue order, at most `limit`."""
+        rows = self._conn().execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') "
+                                    "ORDER BY seq LIMIT ?", (limit,)).fetchall()
+        return [Job.from_row(r) for r in rows]
+
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:

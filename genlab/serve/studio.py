@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 
 from genlab.serve.limits import key_matches
-from genlab.serve.store import Job, Store
+from genlab.serve.store import Store
 
 STATIC = Path(__file__).with_name("studio")
 MAX_PAGE = 100
@@ -24,11 +24,7 @@ MAX_QUEUE_LIST = 200
 
 def list_outputs(store: Store, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
     """Stored image outputs, newest first, with the parameters and seed recorded by their job; and the total."""
-    db = store._conn()
-    total = db.execute("SELECT COUNT(*) FROM outputs").fetchone()[0]
-    rows = db.execute("SELECT o.id, o.job_id, o.created, o.media_type, j.model, j.kind, j.result FROM outputs o "
-                      "LEFT JOIN jobs j ON j.id = o.job_id ORDER BY o.created DESC, o.rowid DESC LIMIT ? OFFSET ?",
-                      (limit, offset)).fetchall()
+    rows, total = store.outputs_page(limit, offset)
     out = []
     for r in rows:
         items = {d["id"]: d for d in (json.loads(r["result"]) if r["result"] else {}).get("data", [])
@@ -37,28 +33,14 @@ def list_outputs(store: Store, limit: int, offset: int) -> tuple[list[dict[str, 
         out.append({"id": r["id"], "object": "output", "job": r["job_id"], "kind": r["kind"], "model": r["model"],
                     "created": r["created"], "media_type": r["media_type"], "url": f"/v1/outputs/{r['id']}",
                     "seed": item.get("seed"), "params": item.get("params"), "blocked": item.get("blocked", False)})
-    return out, int(total)
-
-
-def delete_output(store: Store, output_id: str) -> bool:
-    """Remove an output from the index and its file; False when there is none."""
-    found = store.output(output_id)
-    if found is None:
-        return False
-    with store._tx() as db:
-        db.execute("DELETE FROM outputs WHERE id = ?", (output_id,))
-    found[0].unlink(missing_ok=True)
-    return True
+    return out, total
 
 
 def list_queue(store: Store) -> list[dict[str, Any]]:
     """Queued and running jobs in queue order, with their position (0: running or next)."""
-    rows = store._conn().execute("SELECT * FROM jobs WHERE state IN ('queued', 'running') ORDER BY seq LIMIT ?",
-                                 (MAX_QUEUE_LIST,)).fetchall()
-    jobs = [Job.from_row(r) for r in rows]
     return [{"id": j.id, "kind": j.kind, "model": j.model, "state": j.state, "progress": round(j.progress, 4),
              "queue_position": store.queue_position(j), "n": j.params.get("n"), "prompt": j.params.get("prompt"),
-             "created": j.created} for j in jobs]
+             "created": j.created} for j in store.active_jobs(MAX_QUEUE_LIST)]
 
 
 def build_router(api_error: type[Exception]) -> APIRouter:
@@ -81,7 +63,7 @@ def build_router(api_error: type[Exception]) -> APIRouter:
 
     @r.delete("/outputs/{output_id}")
     async def delete(output_id: str, request: Request) -> dict[str, Any]:
-        ok = len(output_id) <= 64 and await run_in_threadpool(delete_output, request.app.state.serve.store,
+        ok = len(output_id) <= 64 and await run_in_threadpool(request.app.state.serve.store.delete_output,
                                                                      output_id)
         if not ok:
             raise api_error(404, f"no output {output_id[:80]!r}")
