@@ -6,8 +6,8 @@ calls the concept is the figure, before and after. As controls, the same for a k
 concept should not leak into it) and the class prompt. Then Shapes-GenEval of both models on its own prompts (none
 names the rare token) through `genlab eval MODEL --metrics geneval`, whose overall scores must stay within 5 points.
 
-    python benchmarks/dreambooth_concept.py runs/shapes-t2i runs/shapes-dreambooth --n 64 --geneval-prompts 10 \
-        --out runs/shapes-dreambooth/concept
+    python benchmarks/dreambooth_concept.py runs/shapes-t2i runs/shapes-dreambooth [runs/shapes-dreambooth-full] \
+        --n 64 --geneval-prompts 10 --out runs/shapes-dreambooth/concept
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from genlab.sampling.controls import Guidance
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("base", help="the text_diffusion model (or run) folder DreamBooth started from")
-    p.add_argument("adapted", help="the DreamBooth run, adapter or merged model folder")
+    p.add_argument("adapted", nargs="+", help="DreamBooth runs, adapter or merged model folders (each measured "
+                   "against the base; named by their folder)")
     p.add_argument("--prompt", default="a red sks shape", help="the concept prompt (with the rare token)")
     p.add_argument("--class-prompt", default="a red shape")
     p.add_argument("--control", default="a red circle", help="a known-shape prompt the concept must not leak into")
@@ -55,7 +56,8 @@ def main() -> None:
 
     prompts = {"concept": args.prompt, "class": args.class_prompt, "control": args.control}
     opts = dict(sampler=args.sampler, steps=args.steps, guidance=Guidance(args.cfg))
-    for name, folder in (("base", args.base), ("adapted", args.adapted)):
+    models = {"base": args.base, **{Path(a).name: a for a in args.adapted}}
+    for name, folder in models.items():
         model = GenerativeModel.from_pretrained(resolve_model_dir(folder)).eval()
         row: dict = {}
         for key, prompt in prompts.items():
@@ -82,8 +84,9 @@ def main() -> None:
         row["geneval"] = {split: tables[split]["overall"] for split in tables}
         row["geneval_seconds"] = round(time.perf_counter() - t1, 1)
         result[name] = row
-    result["geneval_change_points"] = {s: round(100 * (result["adapted"]["geneval"][s] - result["base"]["geneval"][s]),
-                                                1) for s in result["base"]["geneval"]}
+    base = result["base"]["geneval"]
+    result["geneval_change_points"] = {name: {s: round(100 * (result[name]["geneval"][s] - base[s]), 1) for s in base}
+                                       for name in models if name != "base"}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))
