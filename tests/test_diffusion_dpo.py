@@ -230,3 +230,14 @@ def test_cli_trains_on_a_pair_folder_and_writes_a_plain_text_diffusion_folder(tm
     assert set(out.state_dict()) == set(base.state_dict()) and any(moved)
     rows = [json.loads(line) for line in (tmp_path / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert any("reward_acc" in r for r in rows)
+
+
+def test_cli_refuses_data_that_is_not_a_pair_folder_in_one_line(tmp_path, base_dir, capsys):
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "a.png")
+    for data, init, match in ((tmp_path / "imgs", base_dir, "folder of image pairs"),
+                              (_pair_folder(tmp_path / "pairs")[0], tmp_path / "nowhere", "nowhere")):
+        code = main(["train", "configs/shapes-dpo.yaml", "--set", f"data.name={data}", "--set",
+                     f"model.init_from={init}", "--set", f"out_dir={tmp_path}", "--set", "train.steps=20"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and match in err[0], err
