@@ -515,3 +515,24 @@ CONTROLNET = [
 @pytest.mark.parametrize(("line", "fragment"), [c[1:] for c in CONTROLNET], ids=[c[0] for c in CONTROLNET])
 def test_controlnet_hostile_inputs(workspace, line, fragment, capsys, monkeypatch):
     test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)
+
+
+# Few steps: the consistency-distillation and shortcut recipes
+FEWSTEP = [
+    ("cd-teacher-missing", "train mnist-cd --run-dir {w}/run --set model.teacher={w}/nothing", "nothing"),
+    ("cd-teacher-not-edm", "train mnist-cd --run-dir {w}/run --set model.teacher={w}/diff", "not EDM-preconditioned"),
+    ("cd-teacher-gpt", "train mnist-cd --run-dir {w}/run --set model.teacher={w}/gpt", "gpt"),
+    ("cd-no-teacher", "train mnist-cd --run-dir {w}/run --set model.teacher=null", "model.teacher"),
+    ("cd-loss", "train mnist-cd --run-dir {w}/run --set model.loss=lpips", "model.loss"),
+    ("cd-scales", "train mnist-cd --run-dir {w}/run --set model.num_scales=1", "model.num_scales"),
+    ("cd-target-decay", "train mnist-cd --run-dir {w}/run --set model.target_decay=1.5", "model.target_decay"),
+    ("shortcut-max-steps", "train mnist-shortcut --run-dir {w}/run --set model.max_steps=100", "power of two"),
+    ("shortcut-fraction", "train mnist-shortcut --run-dir {w}/run --set model.bootstrap_fraction=1.5",
+     "model.bootstrap_fraction"),
+    ("shortcut-preview-steps", "train mnist-shortcut --run-dir {w}/run --set sample.steps=3", "sample.steps=3"),
+]
+
+
+@pytest.mark.parametrize(("line", "fragment"), [c[1:] for c in FEWSTEP], ids=[c[0] for c in FEWSTEP])
+def test_fewstep_hostile_inputs(workspace, line, fragment, capsys, monkeypatch):
+    test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)
