@@ -126,6 +126,7 @@ def test_init_from_must_be_a_text_to_image_model(tmp_path):
         dreambooth(other)
 
 
+@pytest.mark.slow  # 27 s on one thread of a loaded 2-core CPU, most of it importing peft
 def test_cli_trains_a_lora_dreambooth_that_sample_and_export_merge_read(base_dir, tmp_path, capsys):
     sets = [f"model.init_from={base_dir}", f"out_dir={tmp_path}", "name=db", "model.class_images=4",
             "model.class_steps=2", "adapt.lora.rank=2", "train.steps=3", "train.warmup_steps=1", "train.lr=0.05",
