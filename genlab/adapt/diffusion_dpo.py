@@ -30,7 +30,7 @@ from genlab.data.image_pairs import ImagePairs
 from genlab.errors import GenlabError
 from genlab.eval import geneval as G
 from genlab.eval.report import sample_images
-from genlab.models.base import Conditioning, GenerativeModel, ModelConfig, Output, SampleOption, resolve_model_dir
+from genlab.models.base import Conditioning, GenerativeModel, ModelConfig, Output, SampleOption, load_model_folder
 from genlab.models.diffusion import DiffusionModel
 from genlab.registry import MODELS
 
@@ -90,14 +90,12 @@ class DiffusionDPO(GenerativeModel):
 
     @classmethod
     def build(cls, config: DiffusionDPOConfig, dataset: Any) -> DiffusionDPO:
-        if not config.init_from:
-            raise GenlabError("family diffusion_dpo needs model.init_from: a trained text_diffusion model or run "
-                              "folder (policy start and reference)")
         check_number("model.beta", config.beta, 0.0, None, low_open=True)
-        policy = GenerativeModel.from_pretrained(resolve_model_dir(config.init_from))
-        if not isinstance(policy, DiffusionModel) or Conditioning.TEXT not in policy.conditioning:
-            raise GenlabError(f"model.init_from={config.init_from!r} holds a {policy.family} model; Diffusion-DPO "
-                              "adapts a text-to-image diffusion model (family text_diffusion)")
+        policy = load_model_folder("model.init_from", config.init_from,
+                                   "a trained text-to-image diffusion model (family text_diffusion) or run folder "
+                                   "(policy start and reference)",
+                                   lambda m: isinstance(m, DiffusionModel) and Conditioning.TEXT in m.conditioning,
+                                   needed_by="family diffusion_dpo")
         if policy.edm:
             raise GenlabError("Diffusion-DPO here is written for discrete-time (vp) models; model.init_from is "
                               "EDM-preconditioned")

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from genlab.config import MAX_SAMPLES, MAX_SAMPLING_STEPS, check_int, check_number
 from genlab.errors import GenlabError
-from genlab.models.base import GenerativeModel, resolve_model_dir
+from genlab.models.base import load_model_folder
 from genlab.models.t2i import TextDiffusionConfig, TextDiffusionModel
 from genlab.registry import MODELS, SAMPLERS
 from genlab.sampling.controls import Guidance
@@ -107,12 +107,8 @@ class DreamBooth(TextDiffusionModel):
     def build(cls, config: DreamBoothConfig, dataset: Any) -> DreamBooth:
         """The text_diffusion model of `init_from` with this recipe's DreamBooth keys; its own keys stay its own."""
         _check(config)
-        if not config.init_from:
-            raise GenlabError("family dreambooth needs model.init_from: a trained text_diffusion model (or run) folder")
-        base = GenerativeModel.from_pretrained(resolve_model_dir(config.init_from))
-        if type(base) is not TextDiffusionModel:
-            raise GenlabError(f"model.init_from={config.init_from!r} holds a {base.family} model; give a trained "
-                              "text_diffusion model folder")
+        base = load_model_folder("model.init_from", config.init_from, "a trained text_diffusion model (or run) folder",
+                                 lambda m: type(m) is TextDiffusionModel, needed_by="family dreambooth")
         if base.autoencoder is not None:
             raise GenlabError("DreamBooth here adapts a pixel-space text-to-image model; model.init_from holds a "
                               "latent one (model.autoencoder)")

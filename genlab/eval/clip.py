@@ -133,13 +133,11 @@ def check_clip_metrics(model: Any, metrics: Sequence[str], clip: str | None) -> 
 
 def load_clip(path: str, device: str = "cpu") -> Any:
     """A CLIP (any model that outputs embeddings) from a model or run folder."""
-    from genlab.models.base import GenerativeModel, Output, resolve_model_dir
+    from genlab.models.base import Output, load_model_folder
 
-    model = GenerativeModel.from_pretrained(resolve_model_dir(path), map_location=device).to(device).eval()
-    if model.output is not Output.EMBEDDING:
-        raise GenlabError(f"--clip {path} holds a {model.family} model, which outputs {model.output.value}; give a "
-                          "CLIP model folder")
-    return model
+    model = load_model_folder("--clip", path, "a CLIP model folder (a model that outputs embeddings)",
+                              lambda m: m.output is Output.EMBEDDING, map_location=device)
+    return model.to(device).eval()
 
 
 def split_captions(data: str, split: str, n: int) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -260,6 +261,18 @@ def resolve_model_dir(path: str | Path) -> Path:
     if (p / "checkpoints").is_dir():
         raise GenlabError(f"run folder {p} has no exported model yet: let training finish (or resume it) first")
     raise GenlabError(f"{p} is neither a model folder (config.json) nor a run folder with model/")
+
+
+def load_model_folder(key: str, path: str | Path | None, wanted: str, accepts: Callable[[GenerativeModel], bool],
+                      needed_by: str = "this recipe", map_location: str | torch.device = "cpu") -> GenerativeModel:
+    """The model of the model (or run) folder that `key` (a recipe key such as `model.teacher`) names. An unset key,
+    or a folder holding a model that `accepts` refuses, is a one-line error ending in "give `wanted`"."""
+    if not path:
+        raise GenlabError(f"{needed_by} needs {key}: {wanted}")
+    model = GenerativeModel.from_pretrained(resolve_model_dir(path), map_location)
+    if not accepts(model):
+        raise GenlabError(f"{key}={str(path)!r} holds a {model.family} model; give {wanted}")
+    return model
 
 
 def check_weights_fit(family_cls: type[GenerativeModel], config: Any, directory: Path) -> None:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from genlab.config import MAX_SAMPLING_STEPS, check_int, check_number, to_dict
 from genlab.data.images import save_grid
 from genlab.errors import GenlabError
-from genlab.models.base import GenerativeModel, Likelihood, SampleOption, resolve_model_dir
+from genlab.models.base import Likelihood, SampleOption, load_model_folder
 from genlab.models.diffusion import MAX_SAMPLES, DiffusionConfig, DiffusionModel
 from genlab.models.parameterization import denoised, edm_scalings
 from genlab.registry import MODELS
@@ -159,12 +159,11 @@ class ConsistencyModel(DiffusionModel):
     def build(cls, config: ConsistencyConfig, dataset: Any) -> ConsistencyModel:
         """The student: the teacher's network and weights, with the frozen teacher and the target network."""
         _check_cd(config)
-        if not config.teacher:
-            raise GenlabError("family consistency needs model.teacher: a trained EDM diffusion model (or run) folder")
-        teacher = GenerativeModel.from_pretrained(resolve_model_dir(config.teacher))
-        if not isinstance(teacher, DiffusionModel) or SampleOption.SAMPLER not in teacher.sample_options:
-            raise GenlabError(f"model.teacher={config.teacher!r} holds a {teacher.family} model, whose ODE cannot be "
-                              "solved; give a trained diffusion model folder (model.preconditioning=edm)")
+        teacher = load_model_folder(
+            "model.teacher", config.teacher, "a trained EDM diffusion model (or run) folder: a diffusion model whose "
+            "ODE a sampler solves, trained with model.preconditioning=edm (configs/mnist-edm.yaml)",
+            lambda m: isinstance(m, DiffusionModel) and SampleOption.SAMPLER in m.sample_options,
+            needed_by="family consistency")
         if teacher.config.preconditioning != "edm":
             raise GenlabError(f"model.teacher={config.teacher!r} is not EDM-preconditioned (preconditioning="
                               f"{teacher.config.preconditioning}); train the teacher with configs/mnist-edm.yaml")

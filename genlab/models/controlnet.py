@@ -22,7 +22,7 @@ from torch import Tensor
 from genlab.config import check_number, to_dict
 from genlab.data.shapes import ShapesDataset
 from genlab.errors import GenlabError
-from genlab.models.base import Conditioning, GenerativeModel, resolve_model_dir
+from genlab.models.base import Conditioning, load_model_folder
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.models.t2i import TextCondition, TextDiffusionConfig, TextDiffusionModel
 from genlab.nn.controlnet import ControlNet, box_layout, combine_residuals, sobel_edges, thin_edges
@@ -156,13 +156,10 @@ class _ControlNetFamily:
     def build(cls, config: Any, dataset: Any) -> Any:
         """The base model of `init_from` (frozen) with a ControlNet whose encoder starts as a copy of its own."""
         _check_control(config)
-        if not config.init_from:
-            raise GenlabError(f"family {cls.family} needs model.init_from: a trained {cls.base_family.family} "  # type: ignore[attr-defined]
-                              "model (or run) folder")
-        base = GenerativeModel.from_pretrained(resolve_model_dir(config.init_from))
-        if type(base) is not cls.base_family:
-            raise GenlabError(f"model.init_from={config.init_from!r} holds a {base.family} model; give a trained "
-                              f"{cls.base_family.family} model folder")
+        base_family = cls.base_family  # type: ignore[attr-defined]
+        base = load_model_folder("model.init_from", config.init_from,
+                                 f"a trained {base_family.family} model (or run) folder",
+                                 lambda m: type(m) is base_family, needed_by=f"family {cls.family}")
         base_config = cls.base_family.config_class
         defaults = base_config()
         for f in dataclasses.fields(base_config):

@@ -24,7 +24,7 @@ from genlab.models.base import (
     Output,
     SampleOption,
     class_labels,
-    resolve_model_dir,
+    load_model_folder,
     with_image_shape_and_classes,
 )
 from genlab.models.parameterization import (
@@ -229,10 +229,8 @@ class DiffusionModel(GenerativeModel):
     def continued(cls, config: DiffusionConfig, dataset: Any) -> DiffusionModel:
         """The trained model of `config.init_from` (this family) to fine-tune or adapt: its own keys and weights,
         with the recipe's `cond_drop` and `init_from`; its images must be the dataset's size."""
-        model = GenerativeModel.from_pretrained(resolve_model_dir(config.init_from))
-        if type(model) is not cls:
-            raise GenlabError(f"model.init_from={config.init_from!r} holds a {model.family} model; give a trained "
-                              f"{cls.family} model (or run) folder")
+        model = load_model_folder("model.init_from", config.init_from, f"a trained {cls.family} model (or run) folder",
+                                  lambda m: type(m) is cls)
         ours = model.config.autoencoder_config or to_dict(model.config)
         info = dataset.info
         if (ours["channels"], ours["image_size"]) != (info.channels, info.image_size):
@@ -248,10 +246,8 @@ class DiffusionModel(GenerativeModel):
         as 1 / std of the first LATENT_SCALE_ITEMS training latents (app. G) unless the config sets it, and size
         the denoiser for latents. The autoencoder's weights become part of this model's, so its folder is
         self-contained."""
-        ae = GenerativeModel.from_pretrained(resolve_model_dir(config.autoencoder))
-        if not isinstance(ae, AutoencoderKL):
-            raise GenlabError(f"model.autoencoder={config.autoencoder!r} holds a {ae.family} model; give the model "
-                              "folder of a trained autoencoder_kl")
+        ae = load_model_folder("model.autoencoder", config.autoencoder, "the model folder of a trained autoencoder_kl",
+                               lambda m: isinstance(m, AutoencoderKL))
         ae_shape, data_shape = (ae.config.channels, ae.config.image_size), (config.channels, config.image_size)
         if ae_shape != data_shape:
             raise GenlabError(f"the autoencoder was trained on {ae_shape[0]}-channel {ae_shape[1]}px images but the "

@@ -23,7 +23,7 @@ from genlab.config import MAX_DEPTH, MAX_WIDTH, check_int, from_dict, to_dict
 from genlab.data.images import save_grid
 from genlab.data.tokenizer import TOKENIZER_NAME, Tokenizer, train_tokenizer
 from genlab.errors import GenlabError
-from genlab.models.base import Conditioning, GenerativeModel, resolve_model_dir, with_image_shape
+from genlab.models.base import Conditioning, load_model_folder, with_image_shape
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.registry import MODELS
 from genlab.sampling.controls import Guidance
@@ -322,9 +322,7 @@ def _load_clip_text(path: str) -> tuple[Tokenizer, CLIPTextEncoder, dict[str, An
     """The tokenizer, the frozen text tower (with its trained weights) and the config of a CLIP model folder."""
     from genlab.models.clip import CLIP
 
-    clip = GenerativeModel.from_pretrained(resolve_model_dir(path))
-    if not isinstance(clip, CLIP):
-        raise GenlabError(f"model.text_encoder={path!r} holds a {clip.family} model; give a CLIP model folder")
+    clip = load_model_folder("model.text_encoder", path, "a CLIP model folder", lambda m: isinstance(m, CLIP))
     enc_config = to_dict(clip.config)
     encoder = CLIPTextEncoder(enc_config)
     encoder.text.load_state_dict(clip.text.state_dict())

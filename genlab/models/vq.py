@@ -39,7 +39,7 @@ from genlab.models.base import (
     Output,
     SampleOption,
     class_labels,
-    resolve_model_dir,
+    load_model_folder,
     with_image_shape,
 )
 from genlab.models.pixel_ar import TokenAR, categorical, uniforms
@@ -352,13 +352,9 @@ class VQPrior(GenerativeModel):
     @classmethod
     def build(cls, config: VQPriorConfig, dataset: Any) -> VQPrior:
         """Load the tokenizer folder named by `model.tokenizer` into this model (frozen) and fill num_classes."""
-        if not config.tokenizer:
-            raise GenlabError("model.tokenizer must name a trained vq model folder (genlab train "
-                              "configs/mnist-vq.yaml)")
-        tok = GenerativeModel.from_pretrained(resolve_model_dir(config.tokenizer))
-        if not isinstance(tok, VQTokenizer):
-            raise GenlabError(f"model.tokenizer={config.tokenizer!r} holds a {tok.family} model; give the folder of a "
-                              "trained vq model")
+        tok = load_model_folder("model.tokenizer", config.tokenizer,
+                                "the folder of a trained vq model (genlab train configs/mnist-vq.yaml)",
+                                lambda m: isinstance(m, VQTokenizer), needed_by=f"family {cls.family}")
         info = dataset.info
         if (tok.config.channels, tok.config.image_size) != (info.channels, info.image_size):
             raise GenlabError(f"the tokenizer was trained on {tok.config.channels}-channel {tok.config.image_size}px "
