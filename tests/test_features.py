@@ -88,3 +88,24 @@ def test_mnist_classifier_reaches_98_percent_on_the_test_split():
     acc = (pred == test.labels).float().mean().item()
     assert acc >= 0.98
     assert fn.test_accuracy == pytest.approx(acc)
+
+
+def test_train_heads_learns_each_head_from_its_own_slice_of_the_logits():
+    """Two heads over one linear layer: head A (2 classes) is the sign of feature 0, head B (3 classes) the tercile
+    of feature 1; each is learnable only from its own logits, so both accuracies say the slices and sum are right."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 2, 1, 1, generator=g)
+    ya = (x[:, 0, 0, 0] > 0).long()
+    yb = torch.bucketize(x[:, 1, 0, 0].contiguous(), torch.tensor([-0.43, 0.43]))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    seen = []
+    F.train_heads(net, x, (ya, yb), (2, 3), epochs=20, batch_size=64, lr=3e-2, generator=g,
+                  augment=lambda xb, gen: seen.append(len(xb)) or xb)
+    assert sum(seen) == 20 * 512 and not net.training
+    with torch.no_grad():
+        logits = net(x)
+    assert (logits[:, :2].argmax(1) == ya).float().mean() > 0.95
+    assert (logits[:, 2:].argmax(1) == yb).float().mean() > 0.9
+    with pytest.raises(F.GenlabError, match="one label tensor per head"):
+        F.train_heads(net, x, (ya,), (2, 3), epochs=1, batch_size=64, lr=1e-3, generator=g)

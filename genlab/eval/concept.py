@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from genlab.data import shapes as S
 from genlab.errors import GenlabError
-from genlab.eval.features import ConvNet
+from genlab.eval.features import ConvNet, train_heads
 from genlab.eval.geneval import degrade
 
 
@@ -103,22 +102,8 @@ def train_concept_classifier(recipe: ConceptRecipe | None = None, progress: bool
     x, y = concept_renders(recipe, "train")
     vx, vy = concept_renders(recipe, "val")
     net = ConvNet(3, recipe.image_size, len(classes), recipe.width, recipe.feature_dim)
-    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(recipe.seed)
-    steps = recipe.epochs * -(-len(x) // recipe.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=steps)
-    net.train()
-    for epoch in range(recipe.epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), recipe.batch_size):
-            idx = perm[i: i + recipe.batch_size]
-            loss = F.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if progress:
-            print(f"concept classifier epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.4f}")
+    train_heads(net, x, (y,), (len(classes),), epochs=recipe.epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                generator=torch.Generator().manual_seed(recipe.seed), name="concept classifier", progress=progress)
     clf = ConceptClassifier(net, classes, {"image_size": recipe.image_size})
     pred = clf.predict(vx)
     concept = len(classes) - 1

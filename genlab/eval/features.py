@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -366,6 +367,35 @@ def train_feature_network(train: ImageDataset, test: ImageDataset | None, recipe
         "test_size": len(test) if test is not None else 0,
     }
     return net, meta
+
+
+def train_heads(net: nn.Module, x: Tensor, labels: tuple[Tensor, ...], heads: tuple[int, ...], *, epochs: int,
+                batch_size: int, lr: float, generator: torch.Generator,
+                augment: Callable[[Tensor, torch.Generator], Tensor] | None = None, name: str = "classifier",
+                progress: bool = False) -> nn.Module:
+    """Fit `net` on in-memory images `x`: the loss is the sum of one cross entropy per head (consecutive slices of
+    the logits, `heads` their sizes, `labels` their targets), AdamW (weight decay 1e-4) with a one-cycle LR over
+    `epochs` passes, each in an order drawn from `generator` (which `augment(batch, generator)` may also use)."""
+    if len(heads) != len(labels) or sum(heads) < 1:
+        raise GenlabError(f"train_heads needs one label tensor per head, got {len(labels)} for {len(heads)} heads")
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=epochs * -(-len(x) // batch_size))
+    starts = [sum(heads[:k]) for k in range(len(heads))]
+    net.train()
+    for epoch in range(epochs):
+        perm = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            idx = perm[i: i + batch_size]
+            xb = x[idx] if augment is None else augment(x[idx], generator)
+            logits = net(xb)
+            loss = sum(F.cross_entropy(logits[:, s: s + n], y[idx]) for s, n, y in zip(starts, heads, labels))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        if progress:
+            print(f"{name} epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}")
+    return net.eval()
 
 
 def classify(images: Tensor, dataset: str = "mnist") -> Tensor:

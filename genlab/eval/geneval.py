@@ -41,7 +41,7 @@ from torch import Tensor
 
 from genlab.data import shapes as S
 from genlab.errors import GenlabError
-from genlab.eval.features import ConvNet, cache_dir, save_feature_network
+from genlab.eval.features import ConvNet, cache_dir, save_feature_network, train_heads
 from genlab.files import write_atomic
 from genlab.models.base import load_weights
 
@@ -337,25 +337,9 @@ def train_reader(recipe: ReaderRecipe, progress: bool = False) -> AttributeReade
     vx, vys, vyc = reader_training_crops(recipe, split="val")
     n_out = len(S.SHAPES) + len(S.COLOR_NAMES)
     net = ConvNet(3, CROP, n_out, recipe.width, recipe.feature_dim)
-    opt = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(recipe.seed)
-    steps = recipe.epochs * ((len(x) + recipe.batch_size - 1) // recipe.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=steps)
-    net.train()
-    for epoch in range(recipe.epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), recipe.batch_size):
-            idx = perm[i: i + recipe.batch_size]
-            xb = _augment(x[idx], recipe, g)
-            logits = net(xb)
-            loss = F.cross_entropy(logits[:, : len(S.SHAPES)], ys[idx]) + \
-                F.cross_entropy(logits[:, len(S.SHAPES):], yc[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        if progress:
-            print(f"reader epoch {epoch + 1}/{recipe.epochs}: loss {loss.item():.4f}")
+    train_heads(net, x, (ys, yc), (len(S.SHAPES), len(S.COLOR_NAMES)), epochs=recipe.epochs,
+                batch_size=recipe.batch_size, lr=recipe.lr, generator=torch.Generator().manual_seed(recipe.seed),
+                augment=lambda xb, g: _augment(xb, recipe, g), name="reader", progress=progress)
     reader = AttributeReader(net, {})
     ps, pc = reader.classify(vx)
     reader.meta = {
