@@ -5,7 +5,9 @@ An image tower (a small ViT or a residual CNN, `nn/vit.py`) and a text tower (a 
 trained with the symmetric contrastive loss (Radford et al. 2021, fig. 3) at a learned temperature,
 initialised at log(1/0.07) and clamped at 100 as open_clip does. Under several processes the features of every
 rank are gathered with their gradients (open_clip's `gather_features`, local loss off), so the global batch
-supplies the negatives.
+supplies the negatives. With `hard_negatives` (groups of interchangeable words, e.g. the shape names), each caption
+also gets a caption that differs in one attribute, added to the image-to-text negatives (NegCLIP, Yuksekgonul et al.
+2023, sec. 5).
 
 API for other families (the text-to-image model, the captioner):
 
@@ -18,7 +20,10 @@ API for other families (the text-to-image model, the captioner):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +67,7 @@ class CLIPConfig(ModelConfig):
     embed_dim: int = 128
     init_logit_scale: float = INIT_LOGIT_SCALE
     max_logit_scale: float = 100.0  # the temperature's clamp (open_clip: logit_scale <= log 100)
+    hard_negatives: list[list[str]] = field(default_factory=list)  # NegCLIP: groups of interchangeable words
     norm_eps: float = 1e-5
 
 
@@ -93,12 +99,62 @@ def gather_features(image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
     return torch.cat(all_gather(image)), torch.cat(all_gather(text))
 
 
-def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor) -> Tensor:
+def contrastive_loss(image: Tensor, text: Tensor, logit_scale: Tensor, negatives: Tensor | None = None,
+                     valid: Tensor | None = None) -> Tensor:
     """Symmetric InfoNCE over normalized embeddings (Radford et al. 2021, fig. 3):
-    logits = exp(t) I T^T; loss = (CE(logits, arange) + CE(logits^T, arange)) / 2."""
+    logits = exp(t) I T^T; loss = (CE(logits, arange) + CE(logits^T, arange)) / 2.
+
+    With hard `negatives` (B, D), one caption per image (`valid` (B,) bool: which exist), the image-to-text
+    logits are exp(t) I [T; N]^T, every image against every caption and every hard negative (NegCLIP,
+    Yuksekgonul et al. 2023, sec. 5); the text-to-image term is unchanged."""
     logits = logit_scale * image @ text.t()
     labels = torch.arange(len(logits), device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    per_image = logits
+    if negatives is not None:
+        neg = logit_scale * image @ negatives.t()
+        if valid is not None:
+            neg = neg.masked_fill(~valid.to(neg.device)[None], float("-inf"))
+        per_image = torch.cat([logits, neg], dim=1)
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+_WORDS = re.compile(r"(\w+)")
+
+
+def hard_negative(caption: str, groups: Sequence[Sequence[str]], rng: random.Random) -> str | None:
+    """`caption` changed in one attribute (NegCLIP, Yuksekgonul et al. 2023, sec. 5): with probability 1/2 (when
+    possible) two different words of one group exchanged ("a red circle and a blue square" -> "a blue circle and a
+    red square"; only between words whose neighbouring attribute words differ: "a red circle and a blue circle" would
+    keep its meaning), else one word of a group replaced by another of its group. "a"/"an" just before a changed
+    word follows it. None when no word of a group occurs."""
+    parts = _WORDS.split(caption)  # words at odd indices, the text between them at even ones
+    group_of = {w.lower(): tuple(g) for g in groups for w in g}
+    found = [i for i in range(1, len(parts), 2) if len(group_of.get(parts[i].lower(), ())) > 1]
+    if not found:
+        return None
+    def partner(k: int) -> str | None:  # the attribute word of another group next to word k (its noun, its color)
+        for n in (k + 2, k - 2):
+            if 0 < n < len(parts) and group_of.get(parts[n].lower(), group_of[parts[k].lower()]) \
+                    != group_of[parts[k].lower()]:
+                return parts[n].lower()
+        return None
+
+    swaps = [(i, j) for a, i in enumerate(found) for j in found[a + 1:]
+             if group_of[parts[i].lower()] == group_of[parts[j].lower()] and parts[i].lower() != parts[j].lower()
+             and partner(i) is not None and partner(i) != partner(j)]
+    if swaps and rng.random() < 0.5:
+        i, j = swaps[rng.randrange(len(swaps))]
+        parts[i], parts[j] = parts[j], parts[i]
+        changed = [i, j]
+    else:
+        i = found[rng.randrange(len(found))]
+        parts[i] = rng.choice([w for w in group_of[parts[i].lower()] if w.lower() != parts[i].lower()])
+        changed = [i]
+    for k in changed:  # the article agrees with the word that now follows it
+        if k >= 2 and parts[k - 1] == " " and parts[k - 2].lower() in ("a", "an"):
+            article = "an" if parts[k][:1].lower() in "aeiou" else "a"
+            parts[k - 2] = article.capitalize() if parts[k - 2][0].isupper() else article
+    return "".join(parts)
 
 
 class TextTransformer(nn.Module):
@@ -220,9 +276,18 @@ class CLIP(GenerativeModel):
         with torch.no_grad():  # open_clip clamps the parameter itself (after each step; here before the next)
             self.logit_scale.clamp_(0, math.log(self.config.max_logit_scale))
         image, text, scale = self(batch["x"], batch["input_ids"])
+        negatives = valid = None
+        if self.config.hard_negatives:
+            rng = random.Random(int(torch.randint(2**31, ())))
+            made = [hard_negative(t, self.config.hard_negatives, rng) for t in batch["text"]]
+            valid = torch.tensor([m is not None for m in made], device=image.device)
+            negatives = self.encode_text([m if m is not None else t for m, t in zip(made, batch["text"], strict=True)])
         if gather:
             image, text = gather_features(image, text)
-        loss = contrastive_loss(image, text, scale)
+            if negatives is not None and valid is not None:
+                negatives, valid = gather_features(negatives, valid.to(negatives.dtype))
+                valid = valid.bool()
+        loss = contrastive_loss(image, text, scale, negatives, valid)
         return {"loss": loss, "logit_scale": scale.detach()}
 
     @torch.no_grad()
@@ -328,6 +393,11 @@ def _check_config(c: CLIPConfig) -> None:
         raise GenlabError(f"model.text_width={c.text_width} must be model.text_heads={c.text_heads} times an even "
                           "head size (RoPE)")
     check_number("model.max_logit_scale", c.max_logit_scale, 1, 1e4)
+    if not isinstance(c.hard_negatives, list) or not all(
+            isinstance(g, list) and len(g) >= 2 and all(isinstance(w, str) and w.strip() and w.isalnum() for w in g)
+            for g in c.hard_negatives):
+        raise GenlabError("model.hard_negatives must be a list of groups of at least two interchangeable single words, "
+                          "e.g. [[circle, square, star], [red, blue, green]]")
     check_number("model.init_logit_scale", c.init_logit_scale, 0, math.log(c.max_logit_scale),
                  hint="a log: at most log(model.max_logit_scale)")
     if c.image_tower == "vit":
