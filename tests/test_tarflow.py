@@ -9,9 +9,11 @@ import math
 import pytest
 import torch
 from conftest import randomize_weights, tiny_feature_network
+from torch import Tensor
 from torch.autograd.functional import jacobian
 
 from genlab.cli import main
+from genlab.data.images import DELTA
 from genlab.errors import GenlabError
 from genlab.eval import features as F
 from genlab.eval import report as R
@@ -142,3 +144,86 @@ def test_cli_trains_samples_and_evaluates_a_tarflow(tmp_path, tiny_fnet):
                  "--out", str(tmp_path / "ev")]) == 0
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert math.isfinite(report["fid"]) and 0.5 < report["bits_per_dim"] < 12.0
+
+
+# -- noise augmentation and the denoising step (Zhai et al. 2024, sec. 2.3) ----------------------------------------
+def _gaussian_tarflow(sigma: float, blocks: int = 3) -> tuple[TarFlow, Tensor, Tensor]:
+    """A float64 TarFlow whose blocks output constant (mu_k, alpha_k) per patch value (zero output weights, random
+    biases), so its density is a product of Gaussians: x_c ~ N(mean_c, std_c^2) for patch value c, with
+    x = mu_0 + e^alpha_0 (mu_1 + e^alpha_1 (... + e^alpha_{K-1} z)) written out here; also (mean_c, std_c)."""
+    torch.manual_seed(0)
+    cfg = TarFlowConfig(image_size=4, channels=1, patch_size=2, blocks=blocks, layers_per_block=1, n_embd=8, n_head=2,
+                        noise_std=sigma)
+    model = TarFlow(cfg).double().eval()
+    randomize_weights(model)
+    mean, log_std = torch.zeros(4, dtype=torch.double), torch.zeros(4, dtype=torch.double)
+    with torch.no_grad():
+        for block in model.flow:
+            block.proj_out.weight.zero_()
+            mu, alpha = torch.randn(4, dtype=torch.double) * 0.5, torch.randn(4, dtype=torch.double) * 0.3
+            block.proj_out.bias.copy_(torch.cat([mu, alpha]))
+            mean, log_std = mean + log_std.exp() * mu, log_std + alpha
+    return model, mean, log_std.exp()
+
+
+def test_the_denoising_step_is_the_gaussian_posterior_mean():
+    """For y = x + sigma eps with x ~ N(m, s^2 - sigma^2), y ~ N(m, s^2) and E[x | y] = m + (1 - sigma^2 / s^2)(y - m)
+    (the Gaussian conjugate posterior, no score involved): the step must give it for a flow of density N(m, s^2)."""
+    sigma = 0.2
+    model, mean, std = _gaussian_tarflow(sigma)
+    assert std.min() > sigma
+    y = torch.randn(5, 1, 4, 4, dtype=torch.double, generator=torch.Generator().manual_seed(3))
+    m, s2 = model.unpatchify(mean.expand(1, 4, 4)), model.unpatchify((std**2).expand(1, 4, 4))  # per pixel
+    posterior_mean = m + (1 - sigma**2 / s2) * (y - m)
+    assert torch.allclose(model.denoise(y), posterior_mean, atol=1e-10)
+    assert (posterior_mean - y).abs().max() > 1e-2  # the step moves the sample
+    # sampling decodes, then takes this step (and only with noise_std > 0)
+    g = lambda: [torch.Generator().manual_seed(i) for i in range(2)]  # noqa: E731
+    noisy = model.sample(2, None, g(), temperature=0.5, denoise=False)
+    assert torch.allclose(model.sample(2, None, g(), temperature=0.5), model.denoise(noisy).clamp(-1, 1))
+    model.config.noise_std = 0.0
+    assert torch.equal(model.sample(2, None, g(), temperature=0.5), noisy)
+
+
+def test_the_denoising_score_matches_finite_differences_of_the_log_likelihood():
+    """A random conditional flow: (denoise(y) - y) / sigma^2 against central differences of log p(y | label)."""
+    model = _tarflow(size=4, patch=2)
+    model.config.noise_std = 0.1
+    y = torch.rand(2, 1, 4, 4, dtype=torch.double, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    labels = torch.tensor([2, 0])
+    score = (model.denoise(y, labels) - y) / 0.1**2
+
+    def central(b: int, idx: tuple[int, ...], h: float) -> float:
+        e = torch.zeros_like(y[b: b + 1])
+        e[(0, *idx)] = h
+        with torch.no_grad():
+            up, down = (model.log_likelihood(y[b: b + 1] + s * e, labels[b: b + 1]) for s in (1, -1))
+        return float(up - down) / (2 * h)
+
+    for b in range(2):  # the norms compute in float32: h = 1e-3, its h^2 error cancelled by Richardson extrapolation
+        for idx in [(0, 0, 0), (0, 1, 2), (0, 3, 3), (0, 2, 1)]:
+            fd = (4 * central(b, idx, 1e-3) - central(b, idx, 2e-3)) / 3
+            assert abs(fd - float(score[(b, *idx)])) < 2e-5 * max(1.0, abs(fd)), (fd, float(score[(b, *idx)]))
+    null = (model.denoise(y) - y) / 0.1**2  # unlabelled: the null class's score, another one
+    assert (null - score).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.3])
+def test_training_noise_is_gaussian_of_the_configured_std(sigma):
+    """A new TarFlow is the identity map (zero output projections), so its loss on an all-zero batch is
+    (D/2 log 2 pi + ||y||^2 / 2 - D log DELTA) / (D log 2) of the noised input y: the mean square of the noise it
+    trained on, read back from the loss, is sigma^2 (Gaussian augmentation) or DELTA^2 / 12 (uniform
+    dequantization, sigma = 0)."""
+    torch.manual_seed(0)
+    model = TarFlow(TarFlowConfig(image_size=8, channels=1, patch_size=2, blocks=2, layers_per_block=1, n_embd=8,
+                                  n_head=2, noise_std=sigma))
+    loss = float(model.training_losses({"x": torch.zeros(256, 1, 8, 8)})["loss"])
+    mean_square = 2 * (loss * math.log(2) + math.log(DELTA)) - math.log(2 * math.pi)
+    expected = sigma**2 if sigma else DELTA**2 / 12
+    assert abs(mean_square / expected - 1) < 0.1, (mean_square, expected)
+
+
+def test_noise_std_out_of_range_is_a_one_line_error():
+    for bad in (-0.1, 2.0, float("nan")):
+        with pytest.raises(GenlabError, match="model.noise_std"):
+            TarFlow(TarFlowConfig(image_size=8, channels=1, noise_std=bad))
