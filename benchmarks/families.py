@@ -17,7 +17,10 @@ the images seen, the network evaluations per sample and the sampling time per im
 unconditional models on three stacked digits and count the modes hit of 1,000 in `--stacked-n` samples.
 
 Outputs in --out: `rows/<row>.json` (one per finished row, with its config hash and code version: a rerun trains
-and measures only the rows whose recipe, budget, evaluation or family source changed), `train/<run>/` (the run
+and measures only the rows whose recipe, budget, evaluation or family source changed; a family's sampling keys and
+sampling-only functions (`sampling_keys`, `sampling_code`) re-measure its rows without retraining them: its training
+runs without them, and its measurement makes the family's `tune_sampling` choices first, against the training
+split, cached per choice settings in the run folder), `train/<run>/` (the run
 folders), `families.md` (the table and the pass/fail of the issue's acceptance ratios), `families.png` (FID
 against sampling ms per image, log scale) and `families.json`; the last line printed is one JSON line.
 Rows whose recipe is not in `configs/` yet are listed as missing. `--smoke`: a few seconds a row, tiny n.
@@ -178,15 +181,27 @@ def source_files(module_name: str) -> list[Path]:
     return sorted(files)
 
 
-def code_version(row: Row, family: str | None) -> str:
+def code_version(row: Row, family: str | None, training: bool = False) -> str:
     """A hash of the row's family source (its module and the building blocks it imports); for the diffusers row,
     of this baseline's loop and the diffusers version. Taken once per family and process: the modules a process
-    imported do not change when their files do, so every row of one run keys the code it runs."""
-    return _code_version(row.kind, family)
+    imported do not change when their files do, so every row of one run keys the code it runs. `training`: without
+    the functions of the family's module that only sample (`sampling_code`), for the key of its training run."""
+    return _code_version(row.kind, family, training)
+
+
+def without_functions(source: str, names: tuple[str, ...]) -> str:
+    """The module's syntax tree (`ast.dump`: comments and layout left out) without the functions and methods named
+    `names`."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef):
+            node.body = [b for b in node.body if not (isinstance(b, ast.FunctionDef | ast.AsyncFunctionDef)
+                                                      and b.name in names)] or [ast.Pass()]
+    return ast.dump(tree)
 
 
 @functools.cache
-def _code_version(kind: str, family: str | None) -> str:
+def _code_version(kind: str, family: str | None, training: bool = False) -> str:
     h = hashlib.sha256()
     if kind == "diffusers":
         import inspect
@@ -197,9 +212,14 @@ def _code_version(kind: str, family: str | None) -> str:
         for fn in (train_diffusers, DiffusersDDPM):
             h.update(inspect.getsource(fn).encode())
     else:
-        for f in source_files(MODELS.get(family).__module__):
+        cls = MODELS.get(family)
+        own = Path(sys.modules[cls.__module__].__file__).resolve()
+        for f in source_files(cls.__module__):
             h.update(f.name.encode())
-            h.update(f.read_bytes())
+            if training and cls.sampling_code and f.resolve() == own:
+                h.update(without_functions(f.read_text(), cls.sampling_code).encode())
+            else:
+                h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -247,24 +267,44 @@ def fitted_steps(budget_s: float, build_s: float, step_s: float) -> int:
 
 
 # -- training ---------------------------------------------------------------------------------------------------
-def row_config(row: Row, settings: Settings, run_name: str) -> Any:
+def row_config(row: Row, settings: Settings, run_name: str, training: bool = False) -> Any:
+    """The row's recipe with the budget and the table's overrides; `training`: without the family's sampling keys
+    (their defaults apply, so the trainer makes no sampling choices: the measurement makes them)."""
     overrides = [*settings.extra.get(row.recipe, ()), *settings.extra.get("*", ()), *row.overrides,
                  f"data.name={row.data}", f"train.seed={row.seed}", f"train.max_minutes={settings.minutes}",
                  "train.eval_every=0", "train.sample_every=0", "train.ckpt_every=0", f"name={run_name}"]
-    return load_run_config(row.recipe, overrides)
+    cfg = load_run_config(row.recipe, overrides)
+    if training:
+        for k in MODELS.get(cfg.family).sampling_keys:
+            cfg.model.pop(k, None)
+    return cfg
+
+
+def sampling_spec(row: Row, settings: Settings) -> dict[str, Any]:
+    """What a row's sampling choices depend on beyond its training: the recipe's sampling keys and the family's whole
+    source; {} for a family that declares none (its rows keep their keys)."""
+    if row.kind != "genlab":
+        return {}
+    cfg = row_config(row, settings, "run")
+    cls = MODELS.get(cfg.family)
+    if not (cls.sampling_keys or cls.sampling_code):
+        return {}
+    return {"keys": {k: cfg.model[k] for k in cls.sampling_keys if k in cfg.model},
+            "code": code_version(row, cfg.family)}
 
 
 def train_key(row: Row, settings: Settings) -> tuple[str, dict[str, Any]]:
-    """The hash that decides whether a training run can be reused, and what it covers."""
+    """The hash that decides whether a training run can be reused, and what it covers (not the family's sampling
+    keys or sampling-only functions)."""
     if row.kind == "diffusers":
         spec: dict[str, Any] = {"kind": "diffusers", "data": row.data, "seed": row.seed,
                                 "extra": settings.extra.get("diffusers", {})}
         family = None
     else:
-        cfg = row_config(row, settings, "run")
+        cfg = row_config(row, settings, "run", training=True)
         spec = {"kind": "genlab", "config": to_dict(cfg)}
         family = cfg.family
-    spec |= {"minutes": settings.minutes, "code": code_version(row, family)}
+    spec |= {"minutes": settings.minutes, "code": code_version(row, family, training=True)}
     return _hash(spec), spec
 
 
@@ -273,7 +313,7 @@ def train_genlab(row: Row, settings: Settings, run_dir: Path) -> dict[str, Any]:
     one step and its time, from which a cosine-decayed recipe's `train.steps` is fitted to the budget."""
     from genlab.train import Trainer
 
-    cfg = row_config(row, settings, run_dir.name)
+    cfg = row_config(row, settings, run_dir.name, training=True)
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory() as scratch:
         probe = Trainer(copy.deepcopy(cfg), Path(scratch) / "probe", resume=False)
@@ -483,9 +523,37 @@ def sample_row(model: Any, row: Row, n: int, batch: int, labels: Tensor | None, 
     return images, 1000 * seconds / n, max(1, round(nfe_calls[0] / max(1, calls[0])))
 
 
+def tune_row(model: Any, row: Row, run_dir: Path, settings: Settings, measure: Measure) -> dict[str, Any]:
+    """The family's sampling choices (`tune_sampling`) with the recipe's sampling keys, scored against the training
+    split in the table's feature network (the test split is never read); cached in the run folder per settings and
+    family source, so rows that share a training run choose once."""
+    spec = sampling_spec(row, settings)
+    if not spec:
+        return {}
+    from genlab.eval.tuning import validation_fid
+
+    cfg = row_config(row, settings, "run")
+    path = run_dir / f"tuning-{_hash([spec, measure.fnet.hash, measure.fnet.weights_digest])}.json"
+    if path.is_file():
+        done = json.loads(path.read_text())
+        for k, v in done["config"].items():
+            setattr(model.config, k, tuple(v) if isinstance(v, list) else v)
+        return done["tuning"]
+    for k in model.sampling_keys:
+        if k in cfg.model:
+            setattr(model.config, k, cfg.model[k])
+    t0 = time.monotonic()
+    chosen = model.tune_sampling(lambda: validation_fid(cfg.data, measure.fnet), print)
+    tuning = {**chosen, "seconds": round(time.monotonic() - t0, 1)}
+    config = {k: getattr(model.config, k) for k in model.sampling_keys}
+    write_atomic(path, json.dumps({"config": config, "tuning": tuning}, indent=2))
+    return tuning
+
+
 def measure_row(row: Row, run_dir: Path, settings: Settings, measure: Measure, device: str) -> dict[str, Any]:
-    """Sample and score one trained row."""
+    """Sample and score one trained row (after the family's sampling choices, where it makes any)."""
     n = settings.stacked_n if row.stacked else settings.n
+    tuning: dict[str, Any] = {}
     if row.kind == "diffusers":
         model: Any = load_diffusers(run_dir, device)
         conditional = model.unet.config.num_class_embeds is not None
@@ -494,6 +562,7 @@ def measure_row(row: Row, run_dir: Path, settings: Settings, measure: Measure, d
         per_item, likelihood, sampling = False, Likelihood.NONE, {"sampler": "ddpm (DDPMScheduler)", **opts}
     else:
         model = GenerativeModel.from_pretrained(run_dir / "model", map_location=device).to(device).eval()
+        tuning = tune_row(model, row, run_dir, settings, measure)
         labels = model.labels_for(n)
         opts = family_sample_options(model, row.sampler, row.steps, row.guidance)
         per_item, likelihood = model.per_item_seeds, model.likelihood
@@ -501,6 +570,8 @@ def measure_row(row: Row, run_dir: Path, settings: Settings, measure: Measure, d
     images, ms, nfe = sample_row(model, row, n, settings.batch, labels, opts, per_item)
     out: dict[str, Any] = {"n": n, "ms_per_image": ms, "nfe": nfe, "sampling": sampling,
                            "conditional": labels is not None, "likelihood": likelihood.value}
+    if tuning:
+        out["tuning"] = tuning
     bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
     if bad:  # a sample that is not a number cannot be scored: the row says how many, and keeps its likelihood
         out["nonfinite_samples"] = bad
@@ -610,8 +681,10 @@ def run_rows(rows: list[Row], settings: Settings, out: Path, device: str = "cpu"
         stages = _stages(row, settings, out)
         m = measure_ or Measure()
         measure_ = m
-        key = _hash({"train": [k for *_, k, _ in stages], "row": _row_spec(row), "eval": settings.eval_key(row),
-                     "batch": settings.batch, "features": [m.fnet.hash, m.fnet.weights_digest]})
+        key_spec = {"train": [k for *_, k, _ in stages], "row": _row_spec(row), "eval": settings.eval_key(row),
+                    "batch": settings.batch, "features": [m.fnet.hash, m.fnet.weights_digest]}
+        sampling = sampling_spec(row, settings)
+        key = _hash(key_spec | ({"sampling": sampling} if sampling else {}))
         path = out / "rows" / f"{row.name}.json"
         old = json.loads(path.read_text()) if path.is_file() else None
         if old and old.get("key") == key:

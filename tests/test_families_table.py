@@ -249,3 +249,36 @@ def test_two_stage_row_trains_its_tokenizer_first(tmp_path, monkeypatch, one_thr
     assert rec["train"]["train_flops"] == sum(st["train_flops"] for st in rec["train"]["stages"])
     again = fam.run_rows([row], s, tmp_path / "fam", measure=fam.Measure(tiny_feature_network()))
     assert again["trained"] == [] and again["measured"] == []
+
+
+# -- training keyed apart from sampling ------------------------------------------------------------------------
+def test_sampling_only_code_and_keys_leave_the_training_key_alone():
+    """A family's sampling keys (consistency distillation's searched times) and its sampling-only functions change
+    the row's key (it is measured again) but not its training run's key (the weights are reused); a family that
+    declares none keeps its keys as they were (the source hashed byte for byte)."""
+    fam = _families()
+    src = ("class M:\n    def training_losses(self, b):\n        return b * 2\n\n"
+           "    def sample(self, n):\n        return n\n\n\ndef helper():\n    return 1\n")
+    strip = ("sample", "helper")
+    assert fam.without_functions(src, strip) == fam.without_functions(
+        src.replace("return n", "return n + 1").replace("return 1", "return 2") + "# a comment\n", strip)
+    assert fam.without_functions(src, strip) != fam.without_functions(src.replace("b * 2", "b * 3"), strip)
+    assert "training_losses" in fam.without_functions(src, strip) and "'sample'" not in fam.without_functions(
+        src, strip)
+
+    s = fam.Settings(minutes=1, n=20)
+    cd = next(r for r in fam.ROWS if r.name == "cd-4")
+    base_key, base_spec = fam.train_key(cd, s)
+    assert not {"search_steps", "search_n", "sampling_sigmas"} & set(base_spec["config"]["model"])
+    assert fam.row_config(cd, s, "run").model["search_steps"] == 4  # the recipe's, for the measurement
+    changed = fam.Settings(minutes=1, n=20, extra={"mnist-cd": ["model.search_n=7", "model.search_iters=3"]})
+    assert fam.train_key(cd, changed)[0] == base_key  # the same training run
+    one, two = fam.sampling_spec(cd, s), fam.sampling_spec(cd, changed)
+    assert one and two and one != two and two["keys"]["search_n"] == 7  # the row is measured again
+    trained = fam.Settings(minutes=1, n=20, extra={"mnist-cd": ["model.num_scales=12"]})
+    assert fam.train_key(cd, trained)[0] != base_key  # a training key still retrains
+    assert fam.code_version(cd, "consistency", training=True) != fam.code_version(cd, "consistency")
+
+    vae = fam.Row("vae", "mnist-vae")
+    assert fam.sampling_spec(vae, s) == {}
+    assert fam.code_version(vae, "vae", training=True) == fam.code_version(vae, "vae")

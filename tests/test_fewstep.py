@@ -25,6 +25,7 @@ from genlab.models.consistency import (
 )
 from genlab.models.diffusion import DiffusionConfig, DiffusionModel
 from genlab.models.shortcut import ShortcutConfig, ShortcutModel
+from genlab.sampling.greedy import golden_section_min, greedy_times
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -377,3 +378,152 @@ def test_family_table_distils_from_the_teacher_run_of_its_own_rows(tmp_path, mon
     assert cost["result"] in ("pass", "fail") and "mnist-cd" in cost["detail"] and "mnist-shortcut" in cost["detail"]
     one = next(c for name, c in checks.items() if name.startswith("few steps: 1 step"))
     assert "cd-1" in one["detail"] and "shortcut-1" in one["detail"]
+
+
+# -- the intermediate times of multistep sampling, chosen greedily on a validation score -------------------------
+def test_golden_section_and_greedy_search_find_a_known_optimum():
+    x, fx = golden_section_min(lambda u: (u - 0.3) ** 2 + 1.0, -2.0, 5.0, 30)
+    assert abs(x - 0.3) < 7 * 0.618**29 and fx == pytest.approx(1.0, abs=1e-6)
+    targets = [80.0, 9.0, 1.5, 0.05]  # score: a k-step sampler's squared log distance to the first k targets
+    calls: list[int] = []
+
+    def score(taus: list[float]) -> float:
+        calls.append(len(taus))
+        return sum((math.log(t) - math.log(g)) ** 2 for t, g in zip(taus, targets, strict=False))
+
+    taus, best = greedy_times(score, 80.0, 0.002, 4, 30)
+    assert taus[0] == 80.0 and all(a > b for a, b in zip(taus, taus[1:], strict=False))
+    torch.testing.assert_close(torch.tensor(taus), torch.tensor(targets), rtol=1e-4, atol=0)
+    assert calls == [2] * 31 + [3] * 31 + [4] * 31 and max(best) < 1e-8  # greedy: one time at a time, in order
+    with pytest.raises(GenlabError, match="empty"):
+        golden_section_min(abs, 1.0, 1.0, 3)
+
+
+class ExactDenoiserF(nn.Module):
+    """F such that c_skip x + c_out F = E[x0 | x_sigma] of N(MU, S^2 I) (Tweedie): a consistency function that is
+    right only at sigma_min, so the few-step sample's spread depends on the intermediate times in closed form."""
+
+    def __init__(self, sigma_min: float, sigma_data: float) -> None:
+        super().__init__()
+        self.sigma_min, self.sigma_data = sigma_min, sigma_data
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x_in: Tensor, c_noise: Tensor, cond=None) -> Tensor:
+        sigma = (4 * c_noise).exp().view(-1, 1, 1, 1)
+        x = x_in * (sigma**2 + self.sigma_data**2).sqrt()
+        d = MU + S**2 / (S**2 + sigma**2) * (x - MU)
+        c_skip, c_out = consistency_scalings(sigma, self.sigma_min, self.sigma_data)
+        return (d - c_skip * x) / c_out
+
+
+def test_greedy_times_on_gaussian_data_match_the_closed_form(teacher_dir):
+    """With the Tweedie denoiser as f, step k gives x_k - MU = c_k (x_{k-1} - MU + s_k z), c = S^2 / (S^2 + tau^2),
+    s^2 = tau^2 - sigma_min^2, so Var x_k = S^4 (v + tau^2 - sigma_min^2) / (S^2 + tau^2)^2 (v = Var x_{k-1}), always
+    below S^2: a score that wants the data's spread is best where that variance peaks, tau^2 = S^2 - 2 (v -
+    sigma_min^2). The greedy search must land there for tau_2, then (given tau_2) for tau_3."""
+    model = _student(teacher_dir, search_steps=3, search_n=400, search_iters=20)
+    cfg = model.config
+    model.net = ExactDenoiserF(cfg.sigma_min, cfg.sigma_data)
+    seen_labels = []
+
+    def make_score():
+        def score(x: Tensor, labels) -> float:
+            seen_labels.append(labels)
+            return (x.mean().item() - MU) ** 2 + (x.std().item() - S) ** 2
+        return score
+
+    chosen = model.tune_sampling(make_score, log=lambda msg: None)
+    smin2, smax = cfg.sigma_min**2, cfg.sigma_max
+    v, expected = S**4 * smax**2 / (S**2 + smax**2) ** 2, []
+    for _ in range(2):
+        tau2 = S**2 - 2 * (v - smin2)
+        expected.append(math.sqrt(tau2))
+        v = S**4 * (v + tau2 - smin2) / (S**2 + tau2) ** 2
+    assert chosen["sampling_sigmas"] == list(cfg.sampling_sigmas) and len(cfg.sampling_sigmas) == 2
+    torch.testing.assert_close(torch.tensor(cfg.sampling_sigmas), torch.tensor(expected), rtol=0.02, atol=0)
+    assert expected[1] < 0.8 * expected[0]  # the two optima are told apart
+    assert torch.equal(seen_labels[0].bincount(), torch.full((10,), 40))  # balanced labels,
+    assert all(torch.equal(y, seen_labels[0]) for y in seen_labels)  # the same for every candidate
+
+
+def test_chosen_sigmas_are_kept_in_the_model_folder_and_used_by_sample(teacher_dir, tmp_path):
+    model = _student(teacher_dir, sampling_sigmas=[2.0, 0.5, 0.1])
+    loaded = GenerativeModel.from_pretrained(model.save_pretrained(tmp_path / "cd"))
+    assert loaded.config.sampling_sigmas == (2.0, 0.5, 0.1)
+    for steps in (2, 3, 4):
+        assert consistency_sampling_sigmas(steps, 0.002, 80.0, 7.0, (2.0, 0.5, 0.1)).tolist() == \
+            [80.0, 2.0, 0.5, 0.1][:steps]
+    karras = consistency_sampling_sigmas(5, 0.002, 80.0, 7.0)
+    torch.testing.assert_close(consistency_sampling_sigmas(5, 0.002, 80.0, 7.0, (2.0, 0.5, 0.1)), karras)  # fallback
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    got = loaded.sample(2, [3, 4], gens, steps=3)
+    x, labels = None, torch.tensor([3, 4])
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    with torch.no_grad():
+        for tau in (80.0, 2.0, 0.5):  # Algorithm 1 by hand at the stored times, each image from its own generator
+            z = torch.cat([torch.randn(1, 1, SIZE, SIZE, generator=g) for g in gens])
+            x_tau = tau * z if x is None else x + math.sqrt(tau**2 - 0.002**2) * z
+            x = loaded.denoise(x_tau, torch.full((2,), tau), labels).clamp(-1, 1)
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-6)
+    assert not torch.allclose(got, _student(teacher_dir).eval().sample(2, [3, 4], [torch.Generator().manual_seed(i)
+                                                                                 for i in range(2)], steps=3))
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("sampling_sigmas", "[1.0, 2.0]", "sampling_sigmas[1]"),
+    ("sampling_sigmas", "[100.0]", "sampling_sigmas[0]"),
+    ("sampling_sigmas", "[0.001]", "sampling_sigmas[0]"),
+    ("sampling_sigmas", "[.nan]", "sampling_sigmas"),
+    ("sampling_sigmas", "[true]", "sampling_sigmas"),
+    ("sampling_sigmas", "5.0", "sampling_sigmas"),
+    ("search_steps", "1", "search_steps=1"),
+    ("search_steps", "-2", "search_steps"),
+    ("search_n", "0", "search_n"),
+    ("search_iters", "0", "search_iters"),
+    ("search_iters", "1000", "search_iters"),
+])
+def test_hostile_sampling_time_options_are_one_line_errors(tmp_path, capsys, key, value, needle):
+    teacher = _teacher().save_pretrained(tmp_path / "teacher")
+    _refused(capsys, ["train", "mnist-cd", "--set", f"model.teacher={teacher}", *TINY, "--set", f"model.{key}={value}",
+                      "--set", f"out_dir={tmp_path}", "--set", "name=bad"], needle)
+
+
+def test_a_model_folder_with_hostile_sigmas_is_refused(teacher_dir, tmp_path):
+    import json
+
+    d = _student(teacher_dir).save_pretrained(tmp_path / "cd")
+    meta = json.loads((d / "config.json").read_text())
+    meta["config"]["sampling_sigmas"] = [0.5, 3.0]
+    (d / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(GenlabError, match=r"sampling_sigmas\[1\]=3.0 must be a number in \(0.002, 0.5\)") as e:
+        GenerativeModel.from_pretrained(d)  # what `genlab sample` loads first
+    assert "\n" not in str(e.value)
+
+
+def test_cli_training_chooses_the_times_on_the_training_split_and_sample_uses_them(tmp_path, capsys, monkeypatch):
+    import json
+
+    from conftest import tiny_feature_network
+
+    import genlab.eval.tuning as tuning
+
+    monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tuning, "get_feature_network", lambda *a, **k: tiny_feature_network())
+    splits = []
+    real_reference = tuning.reference_features
+    monkeypatch.setattr(tuning, "reference_features",
+                        lambda fnet, data, split, **k: splits.append(split) or real_reference(fnet, data, split, **k))
+    teacher = _teacher().save_pretrained(tmp_path / "teacher")
+    assert main(["train", "mnist-cd", "--set", f"model.teacher={teacher}", *TINY, "--set", "model.search_steps=3",
+                 "--set", "model.search_n=12", "--set", "model.search_iters=3", "--set", f"out_dir={tmp_path}",
+                 "--set", "name=cd"]) == 0
+    assert splits == ["train"]  # the test split is never read while choosing
+    cfg = json.loads((tmp_path / "cd" / "model" / "config.json").read_text())["config"]
+    taus = cfg["sampling_sigmas"]
+    assert len(taus) == 2 and 80.0 > taus[0] > taus[1] > 0.002
+    tune = [r for r in map(json.loads, (tmp_path / "cd" / "metrics.jsonl").read_text().splitlines())
+            if r.get("split") == "tune"]
+    assert tune and tune[0]["sampling_sigmas"] == taus and len(tune[0]["search_scores"]) == 2
+    model = GenerativeModel.from_pretrained(tmp_path / "cd" / "model")
+    assert list(model.config.sampling_sigmas) == taus
+    assert main(["sample", str(tmp_path / "cd"), "--n", "2", "--steps", "3", "--out", str(tmp_path / "s.png")]) == 0

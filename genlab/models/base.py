@@ -92,6 +92,10 @@ class GenerativeModel(nn.Module):
     per_item_seeds: ClassVar[bool] = False  # sample(generator=[g_0, ..., g_n-1]): item i depends on g_i alone
     lora_targets: ClassVar[tuple[str, ...]] = ()  # names of the linear layers LoRA adapts (`models/lora.py`)
     lora_scope: ClassVar[str] = ""  # the submodule LoRA's targets are confined to ("": anywhere)
+    # config keys that `tune_sampling` reads or writes, and the names of the functions of the family's module that
+    # only sample: changing them leaves the trained weights as they are (a benchmark keys training without them)
+    sampling_keys: ClassVar[tuple[str, ...]] = ()
+    sampling_code: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -152,6 +156,13 @@ class GenerativeModel(nn.Module):
     def check_sample_config(self, sample_cfg: Any) -> None:
         """Refuse, before training starts, `sample.*` values of a recipe that this model cannot draw its previews
         with (they would fail only at the first preview); default: nothing depends on the model."""
+
+    def tune_sampling(self, make_score: Callable[[], Callable[[Tensor, Any], float]],
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+        """After training (EMA weights in place): choose sampling settings of the config that minimise
+        `make_score()(images, labels)`, a score against a validation split (never the test split), and return what
+        was chosen; `make_score` is called only when there is something to choose. Default: nothing."""
+        return {}
 
     # -- the model folder -------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, Tensor] | None = None) -> Path:

@@ -10,6 +10,10 @@ f_theta(x_{t_{n+1}}, t_{n+1}) towards the target network's f_theta-(x_hat_{t_n},
 EMA of the student (theta- <- mu theta- + (1 - mu) theta, Algorithm 2), or, with `target_decay: 0`, the student
 itself under a stop-gradient, as improved consistency training does (Song & Dhariwal 2023, sec. 3.2), which
 pairs it with the pseudo-Huber distance (`loss: pseudo_huber`, their eq. 13).
+
+The intermediate times of multistep sampling are chosen after training (`model.search_steps`) greedily on FID
+against a validation split, one at a time, as Song et al. 2023 do (sec. 6, app. C), and kept in the model folder
+(`model.sampling_sigmas`); without them (or for more steps than were searched) they follow the Karras rule.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ from genlab.models.diffusion import MAX_SAMPLES, DiffusionConfig, DiffusionModel
 from genlab.models.parameterization import denoised, edm_scalings
 from genlab.registry import MODELS
 from genlab.sampling.denoiser import Denoiser, to_d
+from genlab.sampling.greedy import MAX_SEARCH_ITERS, greedy_times
 from genlab.sampling.noise import Generators, randn
 from genlab.sampling.schedules import karras_sigmas
 
@@ -50,6 +56,12 @@ class ConsistencyConfig(DiffusionConfig):
     target_decay: float = 0.95  # mu of the target network's EMA; 0: the student under a stop-gradient (iCT)
     loss: str = "l2"  # l2 (mean squared error) | pseudo_huber (Song & Dhariwal 2023, eq. 13)
     huber_c: float = 0.0  # pseudo-Huber c; 0: 0.00054 sqrt(C H W) (Song & Dhariwal 2023, sec. 3.3)
+    # after training, choose tau_2 > ... > tau_K of K-step sampling greedily on FID against the training split (Song
+    # et al. 2023, app. C); 0: none (the Karras rule)
+    search_steps: int = 0
+    search_n: int = 500  # samples a candidate time is scored on (fixed noise and labels)
+    search_iters: int = 10  # golden-section steps a time (the log-sigma bracket shrinks by 0.618 each)
+    sampling_sigmas: tuple[float, ...] = ()  # the chosen tau_2 > ... > tau_K (written by the search)
 
 
 def _check_cd(cfg: ConsistencyConfig) -> None:
@@ -59,6 +71,26 @@ def _check_cd(cfg: ConsistencyConfig) -> None:
     check_number("model.target_decay", cfg.target_decay, 0.0, 0.999999)
     check_number("model.rho", cfg.rho, 1e-3, 1e3)
     check_number("model.huber_c", cfg.huber_c, 0.0, 1e3)
+    check_int("model.search_steps", cfg.search_steps, 0, MAX_SAMPLING_STEPS)
+    if cfg.search_steps == 1:
+        raise GenlabError("model.search_steps=1 has no intermediate time to choose; use 0 (none) or 2 or more")
+    check_int("model.search_n", cfg.search_n, 2, 50_000)
+    check_int("model.search_iters", cfg.search_iters, 1, MAX_SEARCH_ITERS)
+    check_sampling_sigmas(cfg.sampling_sigmas, cfg.sigma_min, cfg.sigma_max)
+
+
+def check_sampling_sigmas(sigmas: Any, sigma_min: float, sigma_max: float) -> tuple[float, ...]:
+    """`model.sampling_sigmas` as a tuple: a list of numbers strictly decreasing inside (sigma_min, sigma_max)."""
+    if not isinstance(sigmas, list | tuple) or len(sigmas) >= MAX_SAMPLING_STEPS:
+        raise GenlabError(f"model.sampling_sigmas={sigmas!r} must be a list of fewer than {MAX_SAMPLING_STEPS} noise "
+                          "levels (tau_2 > tau_3 > ...), or [] for the Karras rule")
+    prev = sigma_max
+    for i, s in enumerate(sigmas):
+        if isinstance(s, bool) or not isinstance(s, int | float) or not sigma_min < s < prev:
+            raise GenlabError(f"model.sampling_sigmas[{i}]={s!r} must be a number in ({sigma_min:g}, {prev:g}): the "
+                              "times must decrease strictly from sigma_max to above sigma_min")
+        prev = s
+    return tuple(float(s) for s in sigmas)
 
 
 def consistency_scalings(sigma: Tensor, sigma_min: float, sigma_data: float) -> tuple[Tensor, Tensor]:
@@ -78,9 +110,14 @@ def cd_sigmas(num_scales: int, sigma_min: float, sigma_max: float, rho: float = 
     return t
 
 
-def consistency_sampling_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
-    """tau_1 = sigma_max > tau_2 > ... > tau_steps of multistep sampling (Song et al. 2023, Algorithm 1): the first
-    `steps` points of a (steps + 1)-point Karras schedule, so no step starts at sigma_min, where f is the identity."""
+def consistency_sampling_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+                                chosen: tuple[float, ...] = ()) -> Tensor:
+    """tau_1 = sigma_max > tau_2 > ... > tau_steps of multistep sampling (Song et al. 2023, Algorithm 1): sigma_max and
+    the first steps - 1 `chosen` times (a greedy search's, each found with the earlier ones fixed) where there are
+    enough of them; otherwise the first `steps` points of a (steps + 1)-point Karras schedule, so no step starts at
+    sigma_min, where f is the identity."""
+    if 1 < steps <= len(chosen) + 1:
+        return torch.tensor([sigma_max, *chosen[: steps - 1]], dtype=torch.float64)
     return karras_sigmas(steps + 1, sigma_min, sigma_max, rho)[:steps]
 
 
@@ -139,9 +176,15 @@ class ConsistencyModel(DiffusionModel):
     likelihood = Likelihood.NONE
     likelihood_estimators = ()
     sample_options = frozenset({SampleOption.STEPS})
+    # what the search after training reads and writes, and the code that only samples: a benchmark may reuse the
+    # trained weights when only these change
+    sampling_keys = ("search_steps", "search_n", "search_iters", "sampling_sigmas")
+    sampling_code = ("consistency_sampling_sigmas", "few_step_preview", "sample", "consistency_step",
+                     "tune_sampling", "check_sample_config", "write_preview")
 
     def __init__(self, config: ConsistencyConfig) -> None:
         _check_cd(config)
+        config.sampling_sigmas = check_sampling_sigmas(config.sampling_sigmas, config.sigma_min, config.sigma_max)
         if config.preconditioning != "edm":
             raise GenlabError("consistency distillation reads the network through EDM's c_in / c_noise: the "
                               "teacher must be EDM-preconditioned (model.preconditioning=edm)")
@@ -273,19 +316,73 @@ class ConsistencyModel(DiffusionModel):
         cfg = self.config
         device = self.alpha_bar.device
         labels = self.sampling_condition(n, cond, device)
-        taus = consistency_sampling_sigmas(steps, cfg.sigma_min, cfg.sigma_max, cfg.rho).tolist()
+        taus = consistency_sampling_sigmas(steps, cfg.sigma_min, cfg.sigma_max, cfg.rho,
+                                           tuple(cfg.sampling_sigmas)).tolist()
         shape = (n, cfg.channels, cfg.image_size, cfg.image_size)
         was_training = self.training
         self.eval()
         try:
-            x = torch.zeros(shape, device=device)
-            for i, tau in enumerate(taus):
-                scale = tau if i == 0 else math.sqrt(tau**2 - cfg.sigma_min**2)
-                x = x + scale * randn(shape, generator, device)
-                x = self.denoise(x, torch.full((n,), tau, device=device), labels).clamp(-1.0, 1.0)
+            x = None
+            for tau in taus:
+                x = self.consistency_step(x, tau, randn(shape, generator, device), labels)
         finally:
             self.train(was_training)
         return x
+
+    def consistency_step(self, x: Tensor | None, tau: float, z: Tensor, labels: Any = None) -> Tensor:
+        """One step of multistep consistency sampling (Song et al. 2023, Algorithm 1): f(tau z, tau) for the first
+        (x None), else f(x + sqrt(tau^2 - sigma_min^2) z, tau), clamped to [-1, 1]."""
+        smin = self.config.sigma_min
+        x_tau = tau * z if x is None else x + math.sqrt(tau**2 - smin**2) * z
+        return self.denoise(x_tau, torch.full((len(z),), tau, device=z.device), labels).clamp(-1.0, 1.0)
+
+    @torch.no_grad()
+    def tune_sampling(self, make_score: Callable[[], Callable[[Tensor, Any], float]],
+                      log: Callable[[str], None] = print) -> dict[str, Any]:
+        """With `model.search_steps` = K >= 2: tau_2 > ... > tau_K of K-step sampling chosen greedily, one at a time
+        with the earlier ones fixed, each by golden-section search on log sigma of `score(images, labels)` (FID
+        against a validation split; Song et al. 2023, sec. 6 and app. C), on `model.search_n` samples with fixed
+        noise and balanced labels; kept in `model.sampling_sigmas` (so in the model folder). The state after the
+        fixed earlier steps is computed once, so a candidate costs one network evaluation a sample."""
+        cfg = self.config
+        if cfg.search_steps < 2:
+            return {}
+        score = make_score()
+        n, device = cfg.search_n, self.alpha_bar.device
+        g = torch.Generator().manual_seed(0)
+        labels = self.sampling_condition(n, None, device)
+        shape = (n, cfg.channels, cfg.image_size, cfg.image_size)
+        noise = [torch.randn(shape, generator=g).to(device) for _ in range(cfg.search_steps)]
+        chunks = [slice(i, min(i + 250, n)) for i in range(0, n, 250)]
+        states: dict[tuple[float, ...], Tensor] = {}  # the samples after the steps at these times
+
+        def run(taus: tuple[float, ...]) -> Tensor:
+            if taus not in states:
+                prev = run(taus[:-1]) if len(taus) > 1 else None
+                k = len(taus) - 1
+                states[taus] = torch.cat([self.consistency_step(
+                    None if prev is None else prev[c], taus[-1], noise[k][c],
+                    None if labels is None else labels[c]) for c in chunks])
+            return states[taus]
+
+        def objective(taus: list[float]) -> float:
+            out = score(run(tuple(taus)), labels)
+            for key in [k for k in states if len(k) == len(taus) and k != tuple(taus)]:
+                if key[:-1] != tuple(taus[:-1]):
+                    del states[key]  # a state whose prefix is no longer searched
+            return out
+
+        was_training = self.training
+        self.eval()
+        try:
+            taus, best = greedy_times(objective, cfg.sigma_max, cfg.sigma_min, cfg.search_steps, cfg.search_iters)
+        finally:
+            self.train(was_training)
+        cfg.sampling_sigmas = tuple(taus[1:])
+        log("sampling times chosen on the validation split: " + ", ".join(
+            f"{k + 2} steps: tau_{k + 2} = {t:.4g} (score {s:.4g})" for k, (t, s) in enumerate(zip(taus[1:], best,
+                                                                                                    strict=True))))
+        return {"sampling_sigmas": list(cfg.sampling_sigmas), "search_scores": best}
 
     def check_sample_config(self, sample_cfg: Any) -> None:
         check_int("sample.steps", sample_cfg.steps, 1, MAX_SAMPLING_STEPS)

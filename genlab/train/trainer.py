@@ -550,6 +550,7 @@ class Trainer:
                 self._preview()
             if not (t.eval_every and self.step % t.eval_every == 0):
                 self._validate()
+            self._tune_sampling()
         self.export()
         if self.world > 1 and torch.distributed.is_initialized():
             # end the process group here: left to interpreter exit, gloo's threads can abort the process
@@ -638,6 +639,19 @@ class Trainer:
             self.log(f"step {self.step}: " + ", ".join(f"{k} {float(v):.4g}" for k, v in metrics.items()))
         if self.evaluator is not None:
             plot_eval_metrics(self.metrics_path, self.samples_dir / "eval_metrics.png")
+
+    def _tune_sampling(self) -> None:
+        """The family's sampling choices (`tune_sampling`), made on the EMA weights against the training split (the
+        test split is never read), kept in the model's config and so in the exported folder."""
+        if not self.is_main:
+            return
+        from genlab.eval.tuning import validation_fid
+
+        with self._ema_eval():
+            chosen = self.model.tune_sampling(lambda: validation_fid(self.cfg.data), self.log)
+        if chosen:
+            self.resolved["model"] = to_dict(self.model.config)
+            self._write_metrics({"split": "tune", **chosen})
 
     def _preview(self) -> None:
         if not self.is_main:
