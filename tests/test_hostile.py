@@ -536,3 +536,15 @@ FEWSTEP = [
 @pytest.mark.parametrize(("line", "fragment"), [c[1:] for c in FEWSTEP], ids=[c[0] for c in FEWSTEP])
 def test_fewstep_hostile_inputs(workspace, line, fragment, capsys, monkeypatch):
     test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)
+
+
+# LoRA on the few-step families: no adapter on them was ever tested, so they declare no LoRA targets
+FEWSTEP_LORA = [
+    ("shortcut-lora", "train mnist-shortcut --run-dir {w}/run --set model.init_from={w}/diff --set adapt.lora.rank=4",
+     "shortcut family has no layers for LoRA"),
+]
+
+
+@pytest.mark.parametrize(("line", "fragment"), [c[1:] for c in FEWSTEP_LORA], ids=[c[0] for c in FEWSTEP_LORA])
+def test_fewstep_families_refuse_lora(workspace, line, fragment, capsys, monkeypatch):
+    test_hostile_input_is_one_line_and_changes_nothing(workspace, line, fragment, capsys, monkeypatch)

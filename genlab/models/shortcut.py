@@ -80,6 +80,7 @@ class ShortcutModel(FlowMatchingModel):
     family = "shortcut"
     config_class = ShortcutConfig
     sample_options = frozenset({SampleOption.STEPS})
+    lora_targets = ()  # no adapter on a shortcut model has been tested (its step-size embedding is new): no LoRA
 
     def __init__(self, config: ShortcutConfig) -> None:
         _check_shortcut(config)
