@@ -309,8 +309,9 @@ def _refused(capsys, argv: list[str], needle: str) -> None:
 
 def test_cli_distils_and_samples_in_few_steps(tmp_path, capsys):
     teacher = _teacher().save_pretrained(tmp_path / "teacher")
+    # no search of the times here (it reads the MNIST feature network; the test below gives it a tiny one)
     assert main(["train", "mnist-cd", "--set", f"model.teacher={teacher}", *TINY, "--set", f"out_dir={tmp_path}",
-                 "--set", "name=cd"]) == 0
+                 "--set", "name=cd", "--set", "model.search_steps=0"]) == 0
     for steps in ("1", "2", "4"):
         out = tmp_path / f"cd{steps}.png"
         assert main(["sample", str(tmp_path / "cd"), "--n", "2", "--steps", steps, "--out", str(out)]) == 0
@@ -363,8 +364,9 @@ def test_family_table_distils_from_the_teacher_run_of_its_own_rows(tmp_path, mon
     monkeypatch.setenv("GENLAB_CACHE", str(tmp_path / "cache"))
     tiny = ["model.base_channels=8", "model.channel_mults=[1, 2]", "model.num_res_blocks=1", "model.norm_groups=4",
             "model.head_channels=8", "train.batch_size=8", "data.max_items=64"]
+    search = ["model.search_n=20", "model.search_iters=2"]
     s = fam.Settings(minutes=0.02, n=20, nll_n=2, batch=20, extra={"mnist-edm": tiny, "mnist-shortcut": tiny,
-                                                                   "mnist-cd": ["train.batch_size=8"]})
+                                                                   "mnist-cd": ["train.batch_size=8", *search]})
     rows = [r for r in fam.ROWS if r.name in ("cd-1", "cd-2", "shortcut-1", "edm-ddpm-250")]
     rows = [fam.Row(**{**fam.asdict(r), "steps": 4}) if r.name == "edm-ddpm-250" else r for r in rows]
     measure = fam.Measure(tiny_feature_network())
@@ -378,6 +380,13 @@ def test_family_table_distils_from_the_teacher_run_of_its_own_rows(tmp_path, mon
     assert cost["result"] in ("pass", "fail") and "mnist-cd" in cost["detail"] and "mnist-shortcut" in cost["detail"]
     one = next(c for name, c in checks.items() if name.startswith("few steps: 1 step"))
     assert "cd-1" in one["detail"] and "shortcut-1" in one["detail"]
+    # the times are chosen once at measurement (the search's 3 times), cached for cd-2, and kept out of training:
+    # other search settings measure the CD rows again without training anything
+    assert len(cd1["tuning"]["sampling_sigmas"]) == 3 and cd2["tuning"] == cd1["tuning"]
+    assert cd2["sampling"] == {"steps": 2}
+    s.extra["mnist-cd"] = ["train.batch_size=8", "model.search_n=24", "model.search_iters=2"]
+    again = fam.run_rows(rows, s, tmp_path / "fam", measure=measure)
+    assert again["trained"] == [] and again["measured"] == ["cd-1", "cd-2"]
 
 
 # -- the intermediate times of multistep sampling, chosen greedily on a validation score -------------------------
