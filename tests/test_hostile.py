@@ -540,6 +540,8 @@ def test_fewstep_hostile_inputs(workspace, line, fragment, capsys, monkeypatch):
 
 # LoRA on the few-step families: no adapter on them was ever tested, so they declare no LoRA targets
 FEWSTEP_LORA = [
+    ("cd-lora", "train mnist-cd --run-dir {w}/run --set model.teacher={w}/diff --set model.init_from={w}/diff "
+     "--set adapt.lora.rank=4", "consistency family has no layers for LoRA"),
     ("shortcut-lora", "train mnist-shortcut --run-dir {w}/run --set model.init_from={w}/diff --set adapt.lora.rank=4",
      "shortcut family has no layers for LoRA"),
 ]

@@ -176,6 +176,7 @@ class ConsistencyModel(DiffusionModel):
     likelihood = Likelihood.NONE
     likelihood_estimators = ()
     sample_options = frozenset({SampleOption.STEPS})
+    lora_targets = ()  # no adapter on a consistency model has been tested (it holds a teacher and a target): no LoRA
     # what the search after training reads and writes, and the code that only samples: a benchmark may reuse the
     # trained weights when only these change
     sampling_keys = ("search_steps", "search_n", "search_iters", "sampling_sigmas")
