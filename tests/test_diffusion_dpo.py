@@ -97,7 +97,7 @@ def test_at_theta_equal_ref_the_loss_is_log_2_and_its_gradient_is_the_closed_for
     expected = [p.grad for p in model.policy.parameters() if p.grad is not None]
     assert len(grads) == len(expected) > 0
     for a, b in zip(grads, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))  # float32 sums, any thread count
     assert all(p.grad is None for p in model.ref.parameters())
 
 
