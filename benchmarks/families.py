@@ -582,8 +582,9 @@ def measure_row(row: Row, run_dir: Path, settings: Settings, measure: Measure, d
 
         x = measure.test_images[: settings.nll_n].to(device)
         bpd = nll_bits_per_dim(model, x, generator=torch.Generator().manual_seed(0))
-        out |= {"bits_per_dim": float(bpd.mean()), "bits_per_dim_se": float(bpd.std() / len(bpd) ** 0.5),
-                "nll_n": len(bpd)}
+        out |= {"bits_per_dim": float(bpd.mean()), "nll_n": len(bpd)}
+        if len(bpd) > 1:  # one image (--nll-n 1) has no standard error
+            out["bits_per_dim_se"] = float(bpd.std() / len(bpd) ** 0.5)
     return out
 
 
@@ -910,10 +911,13 @@ def plot_quality_cost(recs: dict[str, Any], out: Path) -> Path | None:
         ax.scatter([ms], [fid], s=25)
         ax.annotate(name, (ms, fid), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     if all(f > 0 for _, f, _ in pts):
         ax.set_yscale("log")
-    from matplotlib.ticker import NullFormatter
-
+        # FIDs often span less than a decade: label 1, 1.5, 2, 3, 5 and 7 of each, in plain numbers
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 1.5, 2.0, 3.0, 5.0, 7.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
     ax.set(xlabel="sampling ms per image (log)", ylabel="FID (genlab MNIST features)",
