@@ -140,10 +140,24 @@ def test_stage_1_with_a_frozen_gpt_trains_the_projector_alone(tiny_clip):
     cfg = CaptionerConfig(clip=str(tiny_clip), gpt=GPTConfig(vocab=300, n_layer=1, n_head=2, n_embd=32), stage=1)
     model = Captioner.build(cfg, shapes("train", n=16))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable == {n for n, _ in model.projector.named_parameters(prefix="projector")}
+    assert trainable == {n for n, _ in model.projector.named_parameters(prefix="projector")} | {"prefix_pos"}
     unfrozen = Captioner.build(CaptionerConfig(**{**cfg.__dict__, "freeze_gpt": False}), shapes("train", n=16))
     assert any(n.startswith("gpt.") for n, p in unfrozen.named_parameters() if p.requires_grad)
     assert not any(n.startswith("visual.") for n, p in unfrozen.named_parameters() if p.requires_grad)
+
+
+def test_the_prefix_says_where_each_token_sits_on_the_grid(tiny_clip):
+    """The same patch feature at every grid cell gives a different prefix token per cell with the position
+    embedding, and one token everywhere without it (a CNN tower's features alone do not say where)."""
+    cfg = CaptionerConfig(clip=str(tiny_clip), gpt=GPTConfig(vocab=300, n_layer=1, n_head=2, n_embd=32))
+    z = torch.randn(1, 1, 32).expand(2, 16, 32)  # the 4 x 4 grid of tiny_clip
+    with_pos = Captioner.build(cfg, shapes("train", n=16)).prefix(z)
+    assert with_pos.shape == (2, 16, 32)
+    assert torch.cdist(with_pos[0], with_pos[0]).add(torch.eye(16)).min() > 0
+    without = Captioner.build(CaptionerConfig(**{**cfg.__dict__, "prefix_position": False}), shapes("train", n=16))
+    assert torch.equal(without.prefix(z)[0], without.prefix(z)[0, :1].expand(16, -1))
+    pooled = Captioner.build(CaptionerConfig(**{**cfg.__dict__, "prefix_pool": 2}), shapes("train", n=16))
+    assert pooled.prefix_pos.shape == (1, 4, 32)
 
 
 def test_folder_round_trip_keeps_the_tower_the_projector_and_the_gpt(captioner, tmp_path):

@@ -46,6 +46,7 @@ class CaptionerConfig(ModelConfig):
     gpt: GPTConfig = field(default_factory=_default_gpt)  # the language model's sizes when trained from scratch
     projector_hidden: int = 0  # hidden width of the two-layer MLP projector; 0: the GPT's width
     prefix_pool: int = 1  # average-pool the patch grid k x k (2: a quarter of the prefix tokens)
+    prefix_position: bool = True  # a learned embedding per prefix token (where on the grid), added after the projector
     stage: int = 1  # 1: captions (feature alignment); 2: instructions from the ground truth, plus captions
     freeze_gpt: bool = True  # train the projector alone (stage 1 of the paper); false also trains the GPT
     init_from: str | None = None  # a captioner folder to continue from (stage 2 starts from stage 1)
@@ -98,6 +99,10 @@ class Captioner(GenerativeModel):
         self.gpt = GPT(c.gpt, tokenizer=tokenizer)
         width = clip_cfg.vision_width
         self.projector = Projector(width, c.projector_hidden or c.gpt.n_embd, c.gpt.n_embd)
+        # A ViT's patch features carry their position (its position embedding); a CNN's carry almost none, so that
+        # "left of" could not be read from them: a learned embedding per grid cell says where each prefix token is.
+        side = _pooled_side(int(self.visual.grid), c.prefix_pool)
+        self.prefix_pos = nn.Parameter(torch.randn(1, side * side, c.gpt.n_embd) * 0.02) if c.prefix_position else None
         self.gpt.requires_grad_(not (c.stage == 1 and c.freeze_gpt))
 
     @property
@@ -131,8 +136,10 @@ class Captioner(GenerativeModel):
         return torch.cat(out)
 
     def prefix(self, z: Tensor) -> Tensor:
-        """H_v = projector(Z_v): prefix embeddings (B, P, n_embd) of patch features (B, P, width)."""
-        return self.projector(z.to(self.projector.fc1.weight))
+        """H_v = projector(Z_v) (+ the prefix position embedding): prefix embeddings (B, P, n_embd) of patch
+        features (B, P, width)."""
+        h = self.projector(z.to(self.projector.fc1.weight))
+        return h if self.prefix_pos is None else h + self.prefix_pos
 
     def image_prompt(self, images: Tensor, questions: list[str]) -> ImagePrompt:
         """The GPT, the chat-templated questions (one per image) and the images' prefixes, for `sampling.text`'s
@@ -354,10 +361,18 @@ def _pool_grid(patches: Tensor, k: int) -> Tensor:
         return patches
     B, N, C = patches.shape
     side = math.isqrt(N)
-    if side * side != N or side % k:
-        raise GenlabError(f"model.prefix_pool={k} does not divide the image tower's {side} x {side} patch grid")
+    if side * side != N:
+        raise GenlabError(f"{N} patch tokens do not form a square grid")
+    _pooled_side(side, k)
     grid = patches.transpose(1, 2).reshape(B, C, side, side)
     return F.avg_pool2d(grid, k).flatten(2).transpose(1, 2)
+
+
+def _pooled_side(side: int, k: int) -> int:
+    """The side of a `side` x `side` patch grid pooled k x k; k must divide it."""
+    if k < 1 or side % k:
+        raise GenlabError(f"model.prefix_pool={k} does not divide the image tower's {side} x {side} patch grid")
+    return side // k
 
 
 def _check_config(c: CaptionerConfig) -> None:
