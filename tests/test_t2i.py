@@ -220,7 +220,8 @@ def trained(tmp_path_factory):
                  "--set", f"out_dir={tmp}", "--set", "name=tiny", "--set", "train.steps=2",
                  "--set", "train.warmup_steps=1", "--set", "train.batch_size=4", "--set", "model.base_channels=8",
                  "--set", "model.channel_mults=[1, 2]", "--set", "model.num_res_blocks=1",
-                 "--set", "model.attention_resolutions=[4]", "--set", "model.text_width=16",
+                 "--set", "model.attention_resolutions=[4]", "--set", "model.text_encoder=null",
+                 "--set", "model.text_width=16",
                  "--set", "model.text_depth=1", "--set", "model.timesteps=100", "--set", "sample.n=4",
                  "--set", "sample.steps=2"])
     assert code == 0
