@@ -132,8 +132,7 @@ def _image_folder(root, n: int = 8):
 TINY_RECIPE = ["data.image_size=8", "train.warmup_steps=1", "train.batch_size=4", "model.base_channels=8",
                "model.channel_mults=[1, 2]", "model.num_res_blocks=1", "model.attention_resolutions=[4]",
                "model.text_encoder=null", "model.text_width=16", "model.text_depth=1", "model.timesteps=100",
-               "sample.n=4", "sample.steps=2",
-               "train.ckpt_every=0"]
+               "sample.n=4", "sample.steps=2", "train.ckpt_every=0"]
 
 
 def _train(tmp, name: str, *sets: str) -> int:

@@ -360,17 +360,14 @@ def _pool_grid(patches: Tensor, k: int) -> Tensor:
     if k == 1:
         return patches
     B, N, C = patches.shape
-    side = math.isqrt(N)
-    if side * side != N:
-        raise GenlabError(f"{N} patch tokens do not form a square grid")
-    _pooled_side(side, k)
+    side = math.isqrt(N)  # square, and divisible by k: checked when the model was built (`_pooled_side`)
     grid = patches.transpose(1, 2).reshape(B, C, side, side)
     return F.avg_pool2d(grid, k).flatten(2).transpose(1, 2)
 
 
 def _pooled_side(side: int, k: int) -> int:
     """The side of a `side` x `side` patch grid pooled k x k; k must divide it."""
-    if k < 1 or side % k:
+    if side % k:
         raise GenlabError(f"model.prefix_pool={k} does not divide the image tower's {side} x {side} patch grid")
     return side // k
 
@@ -388,7 +385,7 @@ def _check_config(c: CaptionerConfig) -> None:
 
 
 def _check_image_data(model: Captioner, dataset: Any) -> None:
-    """The data's images fit the image tower, and `prefix_pool` divides its patch grid (one blank image through)."""
+    """The data are images of the shape the image tower reads."""
     info = dataset.info
     if info.kind != "image":
         raise GenlabError(f"the captioner trains on captioned images; dataset {info.name!r} is {info.kind}")
@@ -396,4 +393,3 @@ def _check_image_data(model: Captioner, dataset: Any) -> None:
     if shape != model.image_shape:
         raise GenlabError(f"dataset {info.name!r} has images {shape} but the CLIP image tower reads "
                           f"{model.image_shape}; set data.image_size or use a CLIP trained at that size")
-    model.patch_features(torch.zeros(1, *model.image_shape))
